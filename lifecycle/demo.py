@@ -1,0 +1,165 @@
+"""The embedded default: the lifecycle on data every Python installation has.
+
+No user data and no network: the corpus is the documentation text of the running interpreter's
+standard library (docstrings, read with `ast`, and pydoc's language-reference topics). From it the
+demo trains a byte-level BPE tokenizer, a `small` target model and a `tiny` draft model sharing that
+tokenizer (the draft serves speculative decoding), and leaves them as checkpoints in a cache
+directory. Every stage is skipped when its verified output is already there, so a second run takes
+seconds. Every step can be pointed at the user's own files with the underlying subcommands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lifecycle.errors import CheckpointError
+
+DEFAULT_CACHE = Path(os.environ.get("LMFORGE_HOME", Path.home() / ".cache" / "lmforge"))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sized for about 10 minutes on a 2-core CPU (measured numbers in docs/BENCHMARKS.md)."""
+
+    vocab_size: int = 8192
+    seq_len: int = 256
+    target_preset: str = "small"
+    target_steps: int = 300
+    target_lr: float = 2e-3
+    draft_preset: str = "tiny"
+    draft_steps: int = 300
+    draft_lr: float = 3e-3
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    seed: int = 0
+
+    def key(self) -> str:
+        """Cache key: these settings and the interpreter whose stdlib is the corpus."""
+        payload = json.dumps(dataclasses.asdict(self), sort_keys=True) + sys.version
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+@dataclass
+class DemoArtifacts:
+    root: Path
+    corpus_dir: Path
+    tokenizer_dir: Path
+    target: Path
+    draft: Path
+
+
+def _stage(name: str, started: float) -> None:
+    print(f"[demo {time.perf_counter() - started:6.1f}s] {name}", flush=True)
+
+
+def _verified(path: Path) -> bool:
+    from lifecycle.checkpoint import load_checkpoint
+
+    if not path.is_dir():
+        return False
+    try:
+        load_checkpoint(path)
+        return True
+    except CheckpointError as err:
+        print(f"cached checkpoint rejected, rebuilding: {err}", flush=True)
+        return False
+
+
+def build_demo(cache_dir: Path = DEFAULT_CACHE, cfg: DemoConfig = DemoConfig(), *, progress: bool = True) -> DemoArtifacts:
+    """Build (or reuse) the demo corpus, tokenizer, target and draft checkpoints."""
+    from lifecycle.data.stdlib_corpus import build_stdlib_corpus
+    from lifecycle.recipes.pretrain import PretrainConfig, pretrain
+    from lifecycle.tokenizer import save_tokenizer, train_tokenizer
+
+    started = time.perf_counter()
+    root = Path(cache_dir) / f"demo-{cfg.key()}"
+    art = DemoArtifacts(root=root, corpus_dir=root / "corpus", tokenizer_dir=root / "tokenizer",
+                        target=root / "target" / "final", draft=root / "draft" / "final")
+    root.mkdir(parents=True, exist_ok=True)
+
+    if not (art.corpus_dir / "corpus.json").is_file():
+        _stage("building the corpus from the Python standard library's documentation", started)
+        info = build_stdlib_corpus(art.corpus_dir)
+        print(f"  {info}", flush=True)
+    train_file, heldout_file = art.corpus_dir / "train.jsonl", art.corpus_dir / "heldout.jsonl"
+
+    if not (art.tokenizer_dir / "tokenizer.json").is_file():
+        _stage(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer", started)
+        from lifecycle.data.readers import iter_documents
+
+        texts = (d.text for d in iter_documents([train_file]))
+        save_tokenizer(train_tokenizer(texts, vocab_size=cfg.vocab_size, show_progress=progress), art.tokenizer_dir)
+
+    for role, preset, steps, lr in (("target", cfg.target_preset, cfg.target_steps, cfg.target_lr),
+                                    ("draft", cfg.draft_preset, cfg.draft_steps, cfg.draft_lr)):
+        final = getattr(art, role)
+        if _verified(final):
+            _stage(f"{role} ({preset}) checkpoint cached: {final}", started)
+            continue
+        _stage(f"pretraining the {role} model (preset {preset}, {steps} steps)", started)
+        pretrain(PretrainConfig(
+            data=[str(train_file)], eval_data=[str(heldout_file)], tokenizer=str(art.tokenizer_dir),
+            preset=preset, output_dir=str(final.parent), seq_len=cfg.seq_len,
+            micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size, max_steps=steps,
+            learning_rate=lr, warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 4),
+            save_every=max(1, steps // 4), seed=cfg.seed, progress=progress))
+    _stage("done", started)
+    return art
+
+
+def _sample(checkpoint: Path, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation with plain transformers: the checkpoint is an ordinary HF directory."""
+    import torch
+
+    from lifecycle.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    tok, model = ckpt.load_tokenizer(), ckpt.load_model()
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def add_command(sub: Any) -> None:
+    from lifecycle.cli import add_subcommand
+
+    parser = add_subcommand(
+        sub, "demo", help="run the lifecycle on the embedded default (Python's own documentation)",
+        description=("Build a corpus from the Python standard library's documentation, train a tokenizer, a "
+                     "`small` target and a `tiny` draft model, and print where the checkpoints are. No data or "
+                     "network needed; about 10 minutes the first time on 2 CPU cores, seconds when cached."),
+        example="lmforge demo --cache-dir ~/.cache/lmforge")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help=f"where the demo artifacts live (default: $LMFORGE_HOME or {DEFAULT_CACHE})")
+    parser.add_argument("--target-steps", type=int, default=DemoConfig.target_steps,
+                        help="optimizer steps for the small target model")
+    parser.add_argument("--draft-steps", type=int, default=DemoConfig.draft_steps,
+                        help="optimizer steps for the tiny draft model")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: Any) -> int:
+    from lifecycle.errors import ConfigError
+
+    if args.target_steps <= 0 or args.draft_steps <= 0:
+        raise ConfigError("--target-steps and --draft-steps must be positive")
+    cfg = DemoConfig(target_steps=args.target_steps, draft_steps=args.draft_steps)
+    art = build_demo(args.cache_dir, cfg, progress=not args.no_progress)
+    prompt = "def join(a, *p):\n\nJoin two or more pathname"
+    print("\nsample (greedy, target model):", repr(prompt + _sample(art.target, prompt)))
+    print("\ncheckpoints:")
+    print(f"  tokenizer  {art.tokenizer_dir}")
+    print(f"  target     {art.target}")
+    print(f"  draft      {art.draft}")
+    print(f"  loss curves {art.target.parent / 'loss_curve.png'}, {art.draft.parent / 'loss_curve.png'}")
+    return 0

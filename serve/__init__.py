@@ -1,0 +1,1 @@
+"""lmforge serving: the native engine, backends, gRPC/HTTP API, metrics and evaluation client."""
