@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None, packages: Sequence[str] = PACKAGES, 
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lmforge plan | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,4 +9,5 @@ COMMANDS = [
     "lifecycle.recipes.pretrain:add_command",
     "lifecycle.plan:add_command",
     "lifecycle.checkpoint:add_command",
+    "lifecycle.bench:add_command",
 ]

@@ -250,7 +250,7 @@ class PlanConfig:
     optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata={"help": "optimizer"})
     zero_stage: Literal[0, 1, 2, 3] = field(default=0, metadata={"help": "ZeRO stage (shards states)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute layer activations"})
-    attention: Literal["flash", "eager"] = field(default="flash", metadata={"help": "flash: fused (SDPA); eager: stores s^2 probs"})
+    attention: Literal["flash", "eager"] = field(default="flash", metadata={"help": "eager keeps s^2 probs"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the dataset"})
     num_examples: int | None = field(default=None, metadata={"help": "examples in the dataset"})
     avg_len: float | None = field(default=None, metadata={"help": "average tokens per example"})
