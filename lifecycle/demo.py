@@ -32,13 +32,15 @@ class DemoConfig:
     vocab_size: int = 8192
     seq_len: int = 256
     target_preset: str = "small"
-    target_steps: int = 300
+    target_steps: int = 140
     target_lr: float = 2e-3
     draft_preset: str = "tiny"
-    draft_steps: int = 300
+    draft_steps: int = 200
     draft_lr: float = 3e-3
+    # 2,048 tokens per step: on a tiny budget more, smaller steps learn more than fewer, larger ones.
     micro_batch_size: int = 8
-    global_batch_size: int = 16
+    global_batch_size: int = 8
+    eval_batches: int = 4
     seed: int = 0
 
     def key(self) -> str:
@@ -110,6 +112,7 @@ def build_demo(cache_dir: Path = DEFAULT_CACHE, cfg: DemoConfig = DemoConfig(), 
             preset=preset, output_dir=str(final.parent), seq_len=cfg.seq_len,
             micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size, max_steps=steps,
             learning_rate=lr, warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 4),
+            eval_batches=cfg.eval_batches,
             save_every=max(1, steps // 4), seed=cfg.seed, progress=progress))
     _stage("done", started)
     return art
@@ -155,7 +158,7 @@ def _run(args: Any) -> int:
         raise ConfigError("--target-steps and --draft-steps must be positive")
     cfg = DemoConfig(target_steps=args.target_steps, draft_steps=args.draft_steps)
     art = build_demo(args.cache_dir, cfg, progress=not args.no_progress)
-    prompt = "def join(a, *p):\n\nJoin two or more pathname"
+    prompt = "os.path.join(a, *p)\n\nJoin two or more"
     print("\nsample (greedy, target model):", repr(prompt + _sample(art.target, prompt)))
     print("\ncheckpoints:")
     print(f"  tokenizer  {art.tokenizer_dir}")

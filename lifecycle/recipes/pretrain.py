@@ -62,7 +62,7 @@ class PretrainConfig:
     save_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (0: only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "resumable checkpoints kept"})
     stop_at_step: int | None = field(default=None, metadata={"help": "checkpoint and exit at this step (e.g. to fit a time slot); rerun without it to continue"})
-    log_every: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
+    log_every: int = field(default=1, metadata={"help": "write a metrics line every N steps"})
     seed: int = field(default=0, metadata={"help": "seed for initialization and data order"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -281,6 +281,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # same code takes CUDA (DDP over NCCL under torchrun).
     use_cpu = not torch.cuda.is_available()
     precision = _resolve_precision(cfg.precision, PartialState(cpu=use_cpu).device)
+    from accelerate.state import AcceleratorState
+
+    if not torch.distributed.is_initialized():
+        # AcceleratorState is a process-wide singleton that refuses a second precision; a Python
+        # API user may well call pretrain() twice (fp32, then bf16) in one process.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if precision == "fp32" else precision)
     world = accelerator.num_processes
     per_step = cfg.micro_batch_size * world

@@ -170,3 +170,15 @@ def test_bad_data(tmp_path, tiny_tokenizer_dir, micro_model_yaml):
         pretrain(_cfg(tmp_path, short, tiny_tokenizer_dir, micro_model_yaml, name="r2", eval_fraction=0.0))
     with pytest.raises(DataError, match="missing.jsonl"):
         pretrain(_cfg(tmp_path, tmp_path / "missing.jsonl", tiny_tokenizer_dir, micro_model_yaml, name="r3"))
+
+
+def test_bf16_autocast_runs_and_tracks_fp32(tmp_path, reference_run, tiny_corpus, tiny_tokenizer_dir,
+                                            micro_model_yaml):
+    """Mixed precision where asked (CPU supports bf16 autocast): the same curve within bf16 tolerance,
+    and fp32 then bf16 in one process (accelerate's singleton state is reset between runs)."""
+    final = pretrain(_cfg(tmp_path, tiny_corpus, tiny_tokenizer_dir, micro_model_yaml, save_every=0,
+                          precision="bf16"))
+    assert load_checkpoint(final).manifest["extra"]["precision"] == "bf16"
+    ref = dict(_losses(reference_run[0]))
+    for step, loss in _losses(tmp_path / "run"):
+        assert loss == pytest.approx(ref[step], rel=2e-2), step
