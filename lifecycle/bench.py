@@ -140,21 +140,13 @@ def run_plain(pcfg: PretrainConfig, tokenizer, data: PackedData) -> RunTiming:
 
 
 def default_data(cache_dir: Path) -> tuple[Path, Path]:
-    """The stdlib documentation corpus and an 8k BPE tokenizer on it, built once per interpreter version."""
-    from lifecycle.data.readers import iter_documents
-    from lifecycle.data.stdlib_corpus import build_stdlib_corpus
-    from lifecycle.tokenizer import save_tokenizer, train_tokenizer
+    """The stdlib documentation corpus and an 8k BPE tokenizer on it (the demo's), built once per
+    interpreter version; returns (train.jsonl, tokenizer dir)."""
+    from lifecycle.demo import prepare_default_data
 
     root = cache_dir / "bench" / f"stdlib-py{platform.python_version()}"
-    corpus, tok_dir = root / "corpus", root / "tokenizer"
-    if not (corpus / "corpus.json").is_file():
-        print(f"building the stdlib documentation corpus in {corpus}", flush=True)
-        build_stdlib_corpus(corpus)
-    if not (tok_dir / "tokenizer.json").is_file():
-        print(f"training an 8192-token tokenizer in {tok_dir}", flush=True)
-        texts = (d.text for d in iter_documents([corpus / "train.jsonl"]))
-        save_tokenizer(train_tokenizer(texts, vocab_size=8192, show_progress=False), tok_dir)
-    return corpus / "train.jsonl", tok_dir
+    train_file, _ = prepare_default_data(root, vocab_size=8192, progress=False)
+    return train_file, root / "tokenizer"
 
 
 def machine_info() -> dict[str, Any]:

@@ -75,11 +75,30 @@ def _verified(path: Path) -> bool:
         return False
 
 
+def prepare_default_data(root: Path, vocab_size: int, *, progress: bool = True,
+                         started: float | None = None) -> tuple[Path, Path]:
+    """The stdlib documentation corpus in `root/corpus` and a BPE tokenizer on it in `root/tokenizer`,
+    each built once; returns (train.jsonl, heldout.jsonl)."""
+    from lifecycle.data.readers import iter_documents
+    from lifecycle.data.stdlib_corpus import build_stdlib_corpus
+    from lifecycle.tokenizer import save_tokenizer, train_tokenizer
+
+    started = time.perf_counter() if started is None else started
+    corpus_dir, tokenizer_dir = root / "corpus", root / "tokenizer"
+    if not (corpus_dir / "corpus.json").is_file():
+        _stage("building the corpus from the Python standard library's documentation", started)
+        print(f"  {build_stdlib_corpus(corpus_dir)}", flush=True)
+    train_file = corpus_dir / "train.jsonl"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        _stage(f"training a {vocab_size}-token byte-level BPE tokenizer", started)
+        texts = (d.text for d in iter_documents([train_file]))
+        save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size, show_progress=progress), tokenizer_dir)
+    return train_file, corpus_dir / "heldout.jsonl"
+
+
 def build_demo(cache_dir: Path = DEFAULT_CACHE, cfg: DemoConfig = DemoConfig(), *, progress: bool = True) -> DemoArtifacts:
     """Build (or reuse) the demo corpus, tokenizer, target and draft checkpoints."""
-    from lifecycle.data.stdlib_corpus import build_stdlib_corpus
     from lifecycle.recipes.pretrain import PretrainConfig, pretrain
-    from lifecycle.tokenizer import save_tokenizer, train_tokenizer
 
     started = time.perf_counter()
     root = Path(cache_dir) / f"demo-{cfg.key()}"
@@ -87,18 +106,7 @@ def build_demo(cache_dir: Path = DEFAULT_CACHE, cfg: DemoConfig = DemoConfig(), 
                         target=root / "target" / "final", draft=root / "draft" / "final")
     root.mkdir(parents=True, exist_ok=True)
 
-    if not (art.corpus_dir / "corpus.json").is_file():
-        _stage("building the corpus from the Python standard library's documentation", started)
-        info = build_stdlib_corpus(art.corpus_dir)
-        print(f"  {info}", flush=True)
-    train_file, heldout_file = art.corpus_dir / "train.jsonl", art.corpus_dir / "heldout.jsonl"
-
-    if not (art.tokenizer_dir / "tokenizer.json").is_file():
-        _stage(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer", started)
-        from lifecycle.data.readers import iter_documents
-
-        texts = (d.text for d in iter_documents([train_file]))
-        save_tokenizer(train_tokenizer(texts, vocab_size=cfg.vocab_size, show_progress=progress), art.tokenizer_dir)
+    train_file, heldout_file = prepare_default_data(root, cfg.vocab_size, progress=progress, started=started)
 
     for role, preset, steps, lr in (("target", cfg.target_preset, cfg.target_steps, cfg.target_lr),
                                     ("draft", cfg.draft_preset, cfg.draft_steps, cfg.draft_lr)):

@@ -22,6 +22,9 @@ Errors: `NoFreeBlocksError` when asked for more blocks than `num_free_blocks` (t
 on it, or checks `num_free_blocks` first); `KVCacheInvariantError` (an AssertionError) on a double
 free, a ref-count underflow or touching a free block: a bug in the caller, never a user error.
 Every public method validates before it mutates, so a raised error leaves the pool unchanged.
+
+Sizing: `kv_cache_bytes_per_block` and `num_blocks_for_memory_budget` turn a model shape and a byte
+budget (or a fraction of the memory the caller measured) into `num_blocks`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,37 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
+from lifecycle.errors import ConfigError
 from serve.kv_cache.prefix_cache import BlockHash
+
+
+def kv_cache_bytes_per_block(*, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                             dtype_bytes: int) -> int:
+    """K and V, each (block_size, num_kv_heads, head_dim) per layer: GQA shrinks it by heads / kv_heads."""
+    return 2 * num_layers * num_kv_heads * head_dim * block_size * dtype_bytes
+
+
+def num_blocks_for_memory_budget(bytes_per_block: int, *, memory_budget_bytes: int | None = None,
+                                 memory_fraction: float | None = None,
+                                 total_memory_bytes: int | None = None) -> int:
+    """Whole blocks that fit in `memory_budget_bytes`, or in `memory_fraction` of `total_memory_bytes`."""
+    if bytes_per_block <= 0:
+        raise ConfigError(f"bytes_per_block must be > 0, got {bytes_per_block}")
+    if (memory_budget_bytes is None) == (memory_fraction is None):
+        raise ConfigError("give exactly one of memory_budget_bytes and memory_fraction for the KV cache")
+    if memory_fraction is not None:
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        if total_memory_bytes is None or total_memory_bytes <= 0:
+            raise ConfigError(f"memory_fraction={memory_fraction} needs total_memory_bytes > 0 (the memory "
+                              f"the fraction is of), got {total_memory_bytes}")
+        memory_budget_bytes = int(memory_fraction * total_memory_bytes)
+    assert memory_budget_bytes is not None
+    num_blocks = memory_budget_bytes // bytes_per_block
+    if num_blocks < 1:
+        raise ConfigError(f"KV cache budget of {memory_budget_bytes} bytes holds no block of {bytes_per_block} "
+                          f"bytes; raise memory_budget_bytes / memory_fraction or lower block_size")
+    return num_blocks
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -8,8 +8,8 @@ prefix get a different hash: their KV differs (attention saw different context),
 The hash is sha256 over a canonical byte encoding, not Python's `hash()`: a 64-bit hash of tuples can be
 made to collide on purpose, and then a crafted prompt reads another request's KV (vLLM advisory
 GHSA-rm76-4mrf-v9r8, PR #12621; sha256 since PR #15297, vLLM's default since v0.10.2). sha256 has no
-practical collisions, needs no `PYTHONHASHSEED`, and costs ~1 µs per 16-token block, nothing next to a
-forward pass. Hashes live only in process memory; the encoding is still fixed (int64 little-endian
+practical collisions, needs no `PYTHONHASHSEED`, and costs 1.5-3.5 µs per 16-token block here (without /
+with a tuple extra key), nothing next to a forward pass. Hashes live only in process memory; the encoding is still fixed (int64 little-endian
 tokens, a tagged and length-prefixed extra key) so it never depends on the platform.
 
 Only FULL blocks are hashed: the last partial block of a sequence keeps changing and is never shared.

@@ -1,0 +1,21 @@
+"""The embedded default end to end at toy size: stdlib corpus -> tokenizer -> target + draft, then cached."""
+
+from __future__ import annotations
+
+from lifecycle.checkpoint import load_checkpoint
+from lifecycle.demo import DemoConfig, build_demo
+
+
+def test_demo_pipeline_and_cache(tmp_path, capsys):
+    cfg = DemoConfig(vocab_size=512, seq_len=32, target_preset="tiny", target_steps=2, draft_steps=2,
+                     micro_batch_size=2, global_batch_size=2)
+    art = build_demo(tmp_path, cfg, progress=False)
+    target, draft = load_checkpoint(art.target), load_checkpoint(art.draft)
+    assert target.load_tokenizer().get_vocab() == draft.load_tokenizer().get_vocab()  # speculative decoding needs it
+    assert target.manifest["recipe"] == "pretrain" and target.manifest["dataset_manifest_hash"]
+    assert (art.target.parent / "loss_curve.png").is_file()
+    capsys.readouterr()
+    again = build_demo(tmp_path, cfg, progress=False)
+    out = capsys.readouterr().out
+    assert again.target == art.target
+    assert "checkpoint cached" in out and "pretraining" not in out and "tokenizer" not in out.split("cached")[0]
