@@ -1,0 +1,302 @@
+"""LLMEngine: add_request / step / abort over the scheduler, the KV cache and the model runner.
+
+Call order: `add_request()` any time (validated at admission: a bad request raises
+`InvalidRequestError` naming the field and never disturbs the others); `step()` runs one scheduling
+decision + one forward pass and returns the streamed deltas (`RequestOutput`) of every request that
+produced something; `abort_request()` frees a request's blocks at once. `generate()` drives step()
+until the given prompts finish (offline use, tests, benchmarks). Single-threaded: the async engine
+(for the servers) runs step() in one background thread and feeds it through a queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serve.engine.detokenizer import IncrementalDetokenizer
+from serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from serve.engine.sequence import Sequence, SequenceStatus
+from serve.kv_cache.manager import KVCacheManager
+from serve.types import (CompletionOutput, EngineStats, FinishedRequestStats, FinishReason, InvalidRequestError,
+                         Logprobs, Request, RequestOutput, SamplingParams)
+from serve.worker import sampler as sampling
+from serve.worker.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    device: str | None = None  # None/"auto": CUDA if available, else CPU
+    dtype: str | None = None  # "float32", "bfloat16", "float16"; default fp32 on CPU, bf16 on CUDA
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # default 1 GiB
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from lifecycle.checkpoint import load_checkpoint
+
+        self.config = config
+        self.checkpoint = load_checkpoint(config.model)
+        self.tokenizer = self.checkpoint.load_tokenizer()
+        dtype = _DTYPES[config.dtype] if config.dtype else None
+        self.runner = ModelRunner(Path(config.model), device=config.device, dtype=dtype, block_size=config.block_size,
+                                  kv_cache_memory_bytes=config.kv_cache_memory_bytes, num_blocks=config.num_kv_blocks)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size,
+                                 enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            enable_prefix_caching=config.enable_prefix_caching), self.kv)
+        self.eos_token_ids = _eos_ids(self.checkpoint.path, self.tokenizer)
+        # A sequence must fit in the KV pool on its own, or preemption could never make room for it
+        # (it would preempt itself forever): the context the engine admits is the smaller of the two.
+        self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
+        self._seqs: dict[str, list[Sequence]] = {}  # request_id -> its n sequences
+        self._sent_prompt_logprobs: set[str] = set()
+        self._finished_stats: list[FinishedRequestStats] = []
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    # --------------------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None, *,
+                    priority: int = 0, arrival_time_s: float | None = None) -> Request:
+        if request_id in self._seqs:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            prompt_text, prompt_ids = None, list(prompt)
+        request = Request(request_id=request_id, prompt_token_ids=tuple(prompt_ids), params=params,
+                          arrival_time_s=time.monotonic() if arrival_time_s is None else arrival_time_s,
+                          priority=priority, prompt_text=prompt_text)
+        request = request.validated_for(self.runner.vocab_size, self.max_model_len)
+        seqs = []
+        for index in range(request.params.n):
+            # n > 1: each completion is its own sequence; the prefix cache shares the prompt's full
+            # blocks between them once the first has computed it.
+            seq = Sequence(seq_id=f"{request_id}#{index}", request=request, index=index,
+                           token_ids=list(request.prompt_token_ids), num_prompt_tokens=request.num_prompt_tokens)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                                     skip_special_tokens=params.skip_special_tokens,
+                                                     stop=params.stop)
+            if params.seed is not None:
+                # n > 1 with a seed: completion i draws from seed + i (as vLLM), not n identical copies.
+                seq.generator = sampling.make_generator(params.seed_for_completion(index), self.runner.device)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self._seqs[request_id] = seqs
+        return request
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it is unknown or already finished."""
+        seqs = self._seqs.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            if not seq.is_finished:
+                self._finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        wants_prompt = [item.seq.request.params.prompt_logprobs is not None
+                        and item.seq.num_computed_tokens < item.seq.num_prompt_tokens for item in sched.scheduled]
+        tables = [self.kv.block_table(item.seq.seq_id) for item in sched.scheduled]
+        out = self.runner.execute(sched, tables, wants_prompt)
+        for i, logits in out.prompt_logits.items():
+            self._collect_prompt_logprobs(sched.scheduled[i], logits)
+        sampled = self._sample(sched, out.sample_indices, out.sample_logits)
+        now = time.monotonic()
+        touched: dict[str, dict[int, CompletionOutput]] = {}
+        for item in sched.scheduled:
+            self.scheduler.on_step_done(item)
+        for i, (token_id, logprobs) in sampled.items():
+            seq = sched.scheduled[i].seq  # it computed its last token: this one is new (also after recompute)
+            touched.setdefault(seq.request.request_id, {})[seq.index] = self._append(seq, token_id, logprobs, now)
+        for item in sched.scheduled:  # prompt logprobs of long prompts arrive before any token
+            seq = item.seq
+            if seq.request.params.prompt_logprobs is not None and seq.request.request_id not in touched \
+                    and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                touched.setdefault(seq.request.request_id, {})
+        return [self._request_output(rid, deltas) for rid, deltas in touched.items()]
+
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run the prompts to completion; returns one aggregated RequestOutput per prompt, in order."""
+        params_list = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        merged: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        while any(not (merged[rid] and merged[rid][-1].finished) for rid in ids):
+            for ro in self.step():
+                if ro.request_id in merged:
+                    merged[ro.request_id].append(ro)
+        return [merge_outputs(merged[rid]) for rid in ids]
+
+    def stats(self) -> EngineStats:
+        finished, self._finished_stats = self._finished_stats, []
+        pc = self.kv.prefix_cache_stats
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           kv_cache_usage=self.kv.usage, num_preemptions_total=self.scheduler.num_preemptions_total,
+                           num_prompt_tokens_total=self.num_prompt_tokens_total,
+                           num_generation_tokens_total=self.num_generation_tokens_total,
+                           prefix_cache_queries_tokens=pc.num_queried_tokens, prefix_cache_hits_tokens=pc.num_hit_tokens,
+                           finished_requests=finished)
+
+    # ---------------------------------------------------------------------------- helpers
+    def _sample(self, sched: SchedulerOutput, indices: list[int], logits: torch.Tensor,
+                ) -> dict[int, tuple[int, Logprobs | None]]:
+        if not indices:
+            return {}
+        seqs = [sched.scheduled[i].seq for i in indices]
+        meta = sampling.SamplingMetadata.from_params(
+            [s.request.params for s in seqs], vocab_size=self.runner.vocab_size, device=logits.device,
+            # Prompt ids only feed penalties; output ids also decide the min_tokens mask.
+            prompt_token_ids=[s.token_ids[:s.num_prompt_tokens] if s.request.params.needs_penalties else ()
+                              for s in seqs],
+            output_token_ids=[s.output_token_ids for s in seqs],
+            eos_token_ids=sorted(self.eos_token_ids),
+            generators=[s.generator for s in seqs])
+        out = sampling.sample_batch(logits, meta)
+        token_ids = out.token_ids.tolist()
+        logprobs: list[Logprobs | None] = [None] * len(seqs)
+        if out.logprobs is not None:
+            wanted = [s.request.params.logprobs or 0 for s in seqs]
+            logprobs = [lp if s.request.params.logprobs is not None else None
+                        for s, lp in zip(seqs, out.logprobs.to_logprobs(out.token_ids, wanted))]
+        return {i: (token_ids[j], logprobs[j]) for j, i in enumerate(indices)}
+
+    def _collect_prompt_logprobs(self, item, logits: torch.Tensor) -> None:
+        """Row r of `logits` sits at position start + r and scores the prompt token at start + r + 1."""
+        seq = item.seq
+        start = seq.num_computed_tokens
+        targets = seq.token_ids[start + 1:start + 1 + logits.shape[0]]
+        targets = targets[:max(0, seq.num_prompt_tokens - start - 1)]
+        if start == 0:
+            seq.prompt_logprobs = [None]
+        if targets:
+            num_top = seq.request.params.prompt_logprobs or 0
+            target_ids = torch.tensor(targets, device=logits.device)
+            lp = sampling.compute_logprobs(logits[:len(targets)], target_ids, max(num_top, 1))
+            seq.prompt_logprobs.extend(lp.to_logprobs(target_ids, [num_top] * len(targets)))
+
+    def _append(self, seq: Sequence, token_id: int, logprobs: Logprobs | None, now: float) -> CompletionOutput:
+        seq.token_ids.append(token_id)
+        self.num_generation_tokens_total += 1
+        if seq.first_token_s is None:
+            seq.first_token_s = now
+            self.num_prompt_tokens_total += seq.num_prompt_tokens
+        else:
+            seq.inter_token_s.append(now - seq.last_token_s)
+        seq.last_token_s = now
+        params = seq.request.params
+        text = seq.detokenizer.update([token_id])
+        reason: FinishReason | None = None
+        stop_reason: str | int | None = None
+        if seq.detokenizer.stopped:
+            reason, stop_reason = FinishReason.STOP_STRING, seq.detokenizer.stop_string_hit
+        elif seq.num_output_tokens >= params.min_tokens and (
+                token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)):
+            reason, stop_reason = FinishReason.STOP, token_id
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if reason is not FinishReason.STOP_STRING:
+                text += seq.detokenizer.finish()
+            seq.stop_reason = stop_reason
+            self._finish(seq, reason)
+        return CompletionOutput(index=seq.index, token_ids=(token_id,), text=text,
+                                logprobs=(logprobs,) if logprobs is not None else None,
+                                finish_reason=reason, stop_reason=stop_reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        self.scheduler.remove(seq)
+        req = seq.request
+        end = time.monotonic()
+        self._finished_stats.append(FinishedRequestStats(
+            request_id=req.request_id, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_generation_tokens=seq.num_output_tokens,
+            queue_s=None if seq.first_scheduled_s is None else seq.first_scheduled_s - req.arrival_time_s,
+            ttft_s=None if seq.first_token_s is None else seq.first_token_s - req.arrival_time_s,
+            itl_s=tuple(seq.inter_token_s), e2e_s=end - req.arrival_time_s))
+
+    def _request_output(self, request_id: str, deltas: dict[int, CompletionOutput]) -> RequestOutput:
+        seqs = self._seqs[request_id]
+        first = seqs[0]
+        req = first.request
+        finished = all(s.is_finished for s in seqs)
+        prompt_logprobs = None
+        if req.params.prompt_logprobs is not None and request_id not in self._sent_prompt_logprobs \
+                and first.num_computed_tokens >= first.num_prompt_tokens:
+            prompt_logprobs = tuple(first.prompt_logprobs)
+            self._sent_prompt_logprobs.add(request_id)
+        if finished:
+            del self._seqs[request_id]
+            self._sent_prompt_logprobs.discard(request_id)
+        end = time.monotonic() if finished else None
+        return RequestOutput(
+            request_id=request_id, outputs=tuple(deltas[i] for i in sorted(deltas)), finished=finished,
+            num_prompt_tokens=first.num_prompt_tokens, num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
+            queue_s=None if first.first_scheduled_s is None else first.first_scheduled_s - req.arrival_time_s,
+            ttft_s=None if first.first_token_s is None else first.first_token_s - req.arrival_time_s,
+            e2e_s=None if end is None else end - req.arrival_time_s)
+
+
+def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
+    """Fold a request's streamed deltas into one RequestOutput holding each completion in full."""
+    last = deltas[-1]
+    by_index: dict[int, list[CompletionOutput]] = {}
+    for ro in deltas:
+        for c in ro.outputs:
+            by_index.setdefault(c.index, []).append(c)
+    outputs = []
+    for index in sorted(by_index):
+        parts = by_index[index]
+        logprobs = None
+        if any(p.logprobs is not None for p in parts):
+            logprobs = tuple(lp for p in parts for lp in (p.logprobs or ()))
+        outputs.append(CompletionOutput(index=index, token_ids=tuple(t for p in parts for t in p.token_ids),
+                                        text="".join(p.text for p in parts), logprobs=logprobs,
+                                        finish_reason=parts[-1].finish_reason, stop_reason=parts[-1].stop_reason))
+    prompt_logprobs = next((ro.prompt_logprobs for ro in deltas if ro.prompt_logprobs is not None), None)
+    return RequestOutput(request_id=last.request_id, outputs=tuple(outputs), finished=last.finished,
+                         num_prompt_tokens=last.num_prompt_tokens, num_cached_tokens=last.num_cached_tokens,
+                         prompt_logprobs=prompt_logprobs, queue_s=last.queue_s, ttft_s=last.ttft_s, e2e_s=last.e2e_s)
+
+
+def _eos_ids(path: Path, tokenizer) -> frozenset[int]:
+    """EOS ids from generation_config.json (may list several, e.g. <|endoftext|> and <|im_end|>) and the tokenizer."""
+    import json
+
+    ids: set[int] = set()
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,109 @@
+"""Attention over a paged KV cache.
+
+The model runner flattens the step's tokens of all sequences into one (num_tokens,) batch. Each
+sequence i contributes `query_lens[i]` new tokens (a prefill chunk, one decode token, or 1 + k
+speculative drafts) at the end of a context of `seq_lens[i]` tokens whose K/V live in the blocks of
+`block_tables[i]`. Position p of a sequence is stored at slot `table[p // block_size] * block_size +
+p % block_size` of the cache (vLLM's PagedAttention layout, Kwon et al. 2023, section 4.1).
+
+`AttentionMetadata` is built once per step by the runner and passed down explicitly (no hidden
+global context between runner and attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the flat token batch; every tensor lives on the model's device."""
+
+    query_lens: list[int]  # new tokens per sequence this step
+    seq_lens: list[int]  # context length per sequence after this step (computed + new)
+    query_starts: list[int]  # offset of each sequence's first new token in the flat batch
+    slot_mapping: torch.Tensor  # (num_tokens,) int64: cache slot of every new token
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) int64, padded with block 0 (masked out)
+    block_size: int
+    # The decode-only fast path (every query_len == 1) needs a key-padding mask over the padded tables.
+    is_all_decode: bool
+    decode_mask: torch.Tensor | None = None  # (num_seqs, 1, 1, max_blocks * block_size) bool
+
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device) -> "AttentionMetadata":
+        starts, slots = [], []
+        offset = 0
+        for qlen, slen, table in zip(query_lens, seq_lens, block_tables):
+            starts.append(offset)
+            offset += qlen
+            for pos in range(slen - qlen, slen):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        max_blocks = max(len(t) for t in block_tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+        tables = torch.tensor(padded, dtype=torch.int64, device=device)  # (num_seqs, max_blocks)
+        is_all_decode = all(q == 1 for q in query_lens)
+        mask = None
+        if is_all_decode:
+            key_pos = torch.arange(max_blocks * block_size, device=device)  # (max_len,)
+            lens = torch.tensor(seq_lens, device=device)  # (num_seqs,)
+            mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # (num_seqs, 1, 1, max_len)
+        return cls(query_lens=query_lens, seq_lens=seq_lens, query_starts=starts,
+                   slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device), block_tables=tables,
+                   block_size=block_size, is_all_decode=is_all_decode, decode_mask=mask)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V. Caches: (num_blocks * block_size, num_kv_heads, head_dim)."""
+    k_cache.index_copy_(0, slot_mapping, k)  # k: (num_tokens, num_kv_heads, head_dim)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of the new tokens over their sequences' cached context.
+
+    q: (num_tokens, num_heads, head_dim); caches as in `write_kv` (already holding this step's K/V).
+    Returns (num_tokens, num_heads, head_dim).
+    """
+    if meta.is_all_decode:
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    bs = meta.block_size
+    for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens)):
+        num_blocks = -(-slen // bs)
+        table = meta.block_tables[i, :num_blocks]  # (num_blocks,)
+        slots = (table[:, None] * bs + torch.arange(bs, device=q.device)[None, :]).reshape(-1)[:slen]  # (slen,)
+        k = k_cache.index_select(0, slots).transpose(0, 1)  # (kv_heads, slen, head_dim)
+        v = v_cache.index_select(0, slots).transpose(0, 1)  # (kv_heads, slen, head_dim)
+        qi = q[start:start + qlen].transpose(0, 1)  # (heads, qlen, head_dim)
+        if qlen == slen:  # a whole prompt in one chunk: plain causal
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        elif qlen == 1:  # one new token sees everything before it
+            o = F.scaled_dot_product_attention(qi, k, v, scale=scale, enable_gqa=True)
+        else:  # a chunk after cached context: query j sits at position slen - qlen + j
+            q_pos = torch.arange(slen - qlen, slen, device=q.device)  # (qlen,)
+            mask = torch.arange(slen, device=q.device)[None, :] <= q_pos[:, None]  # (qlen, slen)
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:start + qlen] = o.transpose(0, 1)  # (qlen, heads, head_dim)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    """One query token per sequence: gather every sequence's blocks (padded) and attend in one call."""
+    num_seqs, max_blocks = meta.block_tables.shape
+    bs = meta.block_size
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+    blocked_k = k_cache.view(-1, bs, kv_heads, head_dim)  # (num_blocks, bs, kv_heads, head_dim)
+    blocked_v = v_cache.view(-1, bs, kv_heads, head_dim)
+    k = blocked_k[meta.block_tables].reshape(num_seqs, max_blocks * bs, kv_heads, head_dim)  # (B, L, kvh, hd)
+    v = blocked_v[meta.block_tables].reshape(num_seqs, max_blocks * bs, kv_heads, head_dim)
+    qb = q[:, None].transpose(1, 2)  # (B, heads, 1, head_dim)
+    o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask,
+                                       scale=scale, enable_gqa=True)  # (B, heads, 1, head_dim)
+    return o[:, :, 0]  # (B, heads, head_dim)

@@ -1,0 +1,180 @@
+"""A lean Llama/Qwen2 decoder for serving: transformers' weights, our paged KV cache.
+
+The math follows transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` exactly (RMSNorm in fp32,
+rotate-half RoPE, SwiGLU, grouped-query attention) so greedy outputs match token for token (tested).
+What differs is the layout: the step's tokens of all sequences are one flat batch, Q/K/V and
+gate/up are fused into one matmul each, and attention reads K/V through block tables.
+Weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lifecycle.errors import CheckpointError
+from serve.worker.attention import AttentionMetadata, paged_attention, write_kv
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any], source: str) -> "DecoderConfig":
+        model_type = config.get("model_type")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported by the native engine yet; "
+                                  "serve it with --backend vllm")
+        heads = config["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(config.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            # Qwen2 always has Q/K/V biases; Llama has them only with attention_bias.
+            qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        )
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # (hidden,)
+    qkv: torch.Tensor  # ((heads + 2 * kv_heads) * head_dim, hidden): q, k, v stacked
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # (hidden, heads * head_dim)
+    post_norm: torch.Tensor  # (hidden,)
+    gate_up: torch.Tensor  # (2 * intermediate, hidden): gate, up stacked
+    down: torch.Tensor  # (hidden, intermediate)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+class LlamaDecoder:
+    """Weights + forward. Stateless across steps: the KV cache is passed in."""
+
+    def __init__(self, cfg: DecoderConfig, state: dict[str, torch.Tensor], *, device: torch.device,
+                 dtype: torch.dtype, source: str = "checkpoint") -> None:
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+
+        def take(name: str) -> torch.Tensor:
+            if name not in state:
+                raise CheckpointError(f"{source}: weight {name!r} is missing")
+            return state[name].to(device=device, dtype=dtype)
+
+        self.embed = take("model.embed_tokens.weight")  # (vocab, hidden)
+        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else take("lm_head.weight")
+        self.final_norm = take("model.norm.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            bias = None
+            if cfg.qkv_bias:
+                bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            self.layers.append(LayerWeights(
+                input_norm=take(p + "input_layernorm.weight"),
+                qkv=torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                qkv_bias=bias,
+                o=take(p + "self_attn.o_proj.weight"),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                down=take(p + "mlp.down_proj.weight"),
+            ))
+        # RoPE tables, as transformers' default rotary embedding: inv_freq over even dims, cos/sin of
+        # cat(freqs, freqs) in fp32, cast to the activation dtype when applied.
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float().to(device)
+                                             / cfg.head_dim))
+        positions = torch.arange(cfg.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # (max_pos, head_dim / 2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (max_pos, head_dim)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype | None = None) -> "LlamaDecoder":
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        cfg = DecoderConfig.from_checkpoint_config(config, str(path / "config.json"))
+        if dtype is None:
+            dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        return cls(cfg, _load_state_dict(path), device=device, dtype=dtype, source=str(path))
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int]:
+        return (num_blocks * block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: (num_tokens, heads, head_dim); cos/sin: (num_tokens, 1, head_dim)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (num_tokens,). Returns final hidden states (num_tokens, hidden)."""
+        cfg = self.cfg
+        num_q, num_kv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        x = self.embed[input_ids]  # (T, hidden)
+        cos = self.rope_cos[positions].to(x.dtype)[:, None, :]  # (T, 1, head_dim)
+        sin = self.rope_sin[positions].to(x.dtype)[:, None, :]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h = self._rms_norm(x, layer.input_norm)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
+            q = qkv[:, :num_q].view(-1, cfg.num_heads, hd)  # (T, heads, head_dim)
+            k = qkv[:, num_q:num_q + num_kv].view(-1, cfg.num_kv_heads, hd)  # (T, kv_heads, head_dim)
+            v = qkv[:, num_q + num_kv:].reshape(-1, cfg.num_kv_heads, hd)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale)  # (T, heads, head_dim)
+            x = x + F.linear(attn.reshape(-1, num_q), layer.o)
+            h = self._rms_norm(x, layer.post_norm)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)  # (T, intermediate) each
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        return self._rms_norm(x, self.final_norm)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, hidden) -> (rows, vocab) in fp32 (sampling and logprobs want full precision)."""
+        return F.linear(hidden, self.lm_head).float()
