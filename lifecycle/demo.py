@@ -126,18 +126,14 @@ def build_demo(cache_dir: Path = DEFAULT_CACHE, cfg: DemoConfig = DemoConfig(), 
     return art
 
 
-def _sample(checkpoint: Path, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation with plain transformers: the checkpoint is an ordinary HF directory."""
-    import torch
+def _sample(checkpoint: Path, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    """Greedy continuations from lmforge's own serving engine (paged KV cache, continuous batching)."""
+    from serve.engine.llm_engine import EngineConfig, LLMEngine
+    from serve.types import SamplingParams
 
-    from lifecycle.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    tok, model = ckpt.load_tokenizer(), ckpt.load_model()
-    ids = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    engine = LLMEngine(EngineConfig(model=str(checkpoint)))
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
+    return [out.outputs[0].text for out in outputs]
 
 
 def add_command(sub: Any) -> None:
@@ -166,8 +162,10 @@ def _run(args: Any) -> int:
         raise ConfigError("--target-steps and --draft-steps must be positive")
     cfg = DemoConfig(target_steps=args.target_steps, draft_steps=args.draft_steps)
     art = build_demo(args.cache_dir, cfg, progress=not args.no_progress)
-    prompt = "os.path.join(a, *p)\n\nJoin two or more"
-    print("\nsample (greedy, target model):", repr(prompt + _sample(art.target, prompt)))
+    prompts = ["os.path.join(a, *p)\n\nJoin two or more", "json.dumps(obj, *, skipkeys=False)\n\n"]
+    print("\nsamples (greedy, target model, lmforge engine):")
+    for prompt, text in zip(prompts, _sample(art.target, prompts)):
+        print(f"  {prompt + text!r}")
     print("\ncheckpoints:")
     print(f"  tokenizer  {art.tokenizer_dir}")
     print(f"  target     {art.target}")

@@ -1,0 +1,30 @@
+"""`lmforge bench engine` smoke run at toy size: every workload and peer writes its numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lifecycle.errors import ConfigError
+from serve.bench_engine import BenchEngineConfig, bench_engine
+
+
+def test_bench_engine_smoke(tmp_path, trained_checkpoint):
+    out = tmp_path / "engine.json"
+    report = bench_engine(BenchEngineConfig(model=str(trained_checkpoint), num_requests=3, prompt_len=16,
+                                            output_len=4, latency_output_len=4, prefix_len=64, output=str(out)))
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    res = saved["results"]
+    assert res["w1"]["native"]["output_tokens"] == 12 and res["w1"]["transformers"]["output_tokens"] == 12
+    assert res["w2"]["native"]["output_tokens"] == 4 and res["w2"]["native"]["ttft_ms"] > 0
+    assert 0 < res["w4"]["native"]["warm_over_cold"]
+    assert saved["machine"]["fp32_matmul_gflops"] > 0 and (tmp_path / "engine.png").is_file()
+
+
+def test_bench_engine_bad_flags():
+    with pytest.raises(ConfigError, match="--workloads"):
+        BenchEngineConfig(workloads=["w9"])
+    with pytest.raises(ConfigError, match="--backends"):
+        BenchEngineConfig(backends=["tgi"])
