@@ -1,0 +1,167 @@
+"""AsyncEngine: the LLMEngine behind an asyncio streaming API, for the servers.
+
+The engine is single-threaded, so one background thread owns it: it drains a command queue
+(add / abort), runs `step()` while there is work, and hands every RequestOutput to the asyncio loop
+of the caller that is streaming that request. Callers never touch the engine directly.
+
+    async for delta in engine.generate("req-1", "Hello", SamplingParams(max_tokens=32)):
+        ...                               # one RequestOutput per step that produced tokens
+
+Leaving the loop early (break, an exception, the task cancelled, a client gone) aborts the request
+in the engine, which frees its KV blocks on the engine thread's next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from serve.engine.llm_engine import LLMEngine
+from serve.types import EngineStats, RequestOutput, SamplingParams
+
+_DONE = object()
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | Sequence[int]
+    params: SamplingParams | None
+    priority: int
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue
+    admitted: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats: EngineStats = engine.stats()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------- public
+    async def generate(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                       *, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream a request's deltas. Invalid requests raise InvalidRequestError before any delta."""
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue = asyncio.Queue()
+        admitted = loop.create_future()
+        self._commands.put(_Add(request_id, prompt, params, priority, loop, sink, admitted))
+        await admitted  # raises the engine's admission error, if any
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def stats(self) -> EngineStats:
+        """The latest step's snapshot (gauges and cumulative counters; finished requests of that step)."""
+        return self._stats
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopped.set()
+        self._commands.put(None)
+        self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            block = not self.engine.has_unfinished_requests()
+            try:
+                while True:
+                    command = self._commands.get(block=block, timeout=0.1 if block else None)
+                    block = False
+                    self._apply(command)
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
+                self._fail_all(err)
+                continue
+            self._stats = self.engine.stats()
+            for out in outputs:
+                if out.request_id in self._sinks:
+                    self._deliver(out.request_id, out)
+                    if out.finished:
+                        self._sinks.pop(out.request_id, None)
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        """Hand an item to the request's event loop; a closed loop means the caller is gone: abort."""
+        loop, sink = self._sinks[request_id]
+        try:
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed"
+            self._sinks.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+    def _apply(self, command: Any) -> None:
+        if command is None:
+            return
+        if isinstance(command, _Abort):
+            self.engine.abort_request(command.request_id)
+            if command.request_id in self._sinks:
+                self._deliver(command.request_id, _DONE)
+                self._sinks.pop(command.request_id, None)
+            return
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params, priority=command.priority)
+        except Exception as err:  # noqa: BLE001 - handed to the caller's coroutine
+            try:
+                command.loop.call_soon_threadsafe(_set_exception, command.admitted, err)
+            except RuntimeError:  # the caller's loop is gone already
+                pass
+            return
+        self._sinks[command.request_id] = (command.loop, command.sink)
+        self._deliver_admission(command)
+
+    def _deliver_admission(self, command: _Add) -> None:
+        try:
+            command.loop.call_soon_threadsafe(_set_result, command.admitted, None)
+        except RuntimeError:
+            self._sinks.pop(command.request_id, None)
+            self.engine.abort_request(command.request_id)
+
+    def _fail_all(self, err: Exception) -> None:
+        for request_id in list(self._sinks):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, RuntimeError(f"engine step failed: {err}"))
+        self._sinks.clear()
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, err: BaseException) -> None:
+    if not future.done():
+        future.set_exception(err)
