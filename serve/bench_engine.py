@@ -3,6 +3,8 @@
 Workloads (issue 3):
   W1 throughput  64 requests x (prompt 128, output 128, ignore EOS), all at once: output tokens/s.
   W2 latency     1 request, prompt 128, 256 output tokens: time to first token, median inter-token latency.
+  W3 speculative the demo's trained target + draft, greedy, 256 output tokens on held-out prompts, one stream:
+                 speedup over the same engine without speculation, tokens per target step, identical outputs.
   W4 prefix      a 1,024-token shared prefix + different 32-token questions: TTFT cold vs warm.
 Peers in the same invocation: transformers `generate` (W1 as one padded static batch, W2 single stream).
 The machine's fp32 matmul rate is measured first, and every throughput is also given as a fraction of the
@@ -24,7 +26,7 @@ import torch
 
 from lifecycle.errors import ConfigError
 
-WORKLOADS = ("w1", "w2", "w4")
+WORKLOADS = ("w1", "w2", "w3", "w4")
 PEERS = ("native", "transformers")
 
 
@@ -38,6 +40,10 @@ class BenchEngineConfig:
     output_len: int = field(default=128, metadata={"help": "W1 output tokens per request"})
     latency_output_len: int = field(default=256, metadata={"help": "W2 output tokens"})
     prefix_len: int = field(default=1024, metadata={"help": "W4 shared prefix tokens"})
+    target: str | None = field(default=None, metadata={"help": "W3 target checkpoint (default: the demo's, if built)"})
+    draft: str | None = field(default=None, metadata={"help": "W3 draft checkpoint (default: the demo's, if built)"})
+    num_speculative_tokens: int = field(default=4, metadata={"help": "W3 drafts per step (k)"})
+    spec_prompts: int = field(default=4, metadata={"help": "W3 held-out prompts, run one at a time"})
     output: str = field(default="runs/bench/engine.json", metadata={"help": "JSON report"})
     plot: bool = field(default=True, metadata={"help": "write a PNG next to the JSON"})
     seed: int = field(default=0, metadata={"help": "seed for the random prompts"})
@@ -134,6 +140,56 @@ def native_stream(engine, prompt: list[int], output_len: int, request_id: str) -
             "decode_tokens_per_s": 1.0 / statistics.median(gaps) if gaps else None, "output_tokens": len(stamps)}
 
 
+def native_w3(cfg: BenchEngineConfig, cache_dir: Path) -> dict[str, Any]:
+    """Speculative decoding on trained models: the same prompts with and without a draft, one at a time."""
+    from lifecycle.demo import DemoConfig
+    from serve.engine.llm_engine import EngineConfig, LLMEngine
+
+    demo = cache_dir / f"demo-{DemoConfig().key()}"
+    target = Path(cfg.target) if cfg.target else demo / "target" / "final"
+    draft = Path(cfg.draft) if cfg.draft else demo / "draft" / "final"
+    if not (target / "manifest.json").is_file() or not (draft / "config.json").is_file():
+        print(f"[bench] W3 skipped: no target/draft checkpoints ({target}); run `lmforge demo` first", flush=True)
+        return {"skipped": f"no checkpoints at {target} / {draft}"}
+    heldout = demo / "corpus" / "heldout.jsonl"
+    plain = LLMEngine(EngineConfig(model=str(target)))
+    tok = plain.tokenizer
+    texts = [json.loads(line)["text"] for line in heldout.read_text().splitlines()[:cfg.spec_prompts]] \
+        if heldout.is_file() else ["os.path.join(a, *p)"] * cfg.spec_prompts
+    prompts = [tok.encode(t, add_special_tokens=False)[:48] for t in texts]
+    spec = LLMEngine(EngineConfig(model=str(target), speculative_method="draft", draft_model=str(draft),
+                                  num_speculative_tokens=cfg.num_speculative_tokens))
+    runs = {}
+    for name, engine in (("plain", plain), ("speculative", spec)):
+        print(f"[bench] native W3 {name}: {len(prompts)} prompts x {cfg.latency_output_len} tokens", flush=True)
+        engine.generate([prompts[0][:8]], None)  # warm-up
+        outputs, steps, start = [], 0, time.perf_counter()
+        from serve.types import SamplingParams
+
+        params = SamplingParams(max_tokens=cfg.latency_output_len, temperature=0.0, ignore_eos=True)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"w3-{name}-{i}", prompt, params)
+            tokens: list[int] = []
+            while engine.has_unfinished_requests():
+                steps += 1
+                for out in engine.step():
+                    tokens.extend(t for c in out.outputs for t in c.token_ids)
+            outputs.append(tokens)
+        elapsed = time.perf_counter() - start
+        stats = engine.stats()
+        runs[name] = {"elapsed_s": elapsed, "tokens_per_s": sum(map(len, outputs)) / elapsed,
+                      "tokens_per_step": sum(map(len, outputs)) / steps, "outputs": outputs,
+                      "draft_tokens": stats.spec_draft_tokens_total, "accepted_tokens": stats.spec_accepted_tokens_total}
+    identical = runs["plain"]["outputs"] == runs["speculative"]["outputs"]
+    for run in runs.values():
+        del run["outputs"]
+    return {"target": str(target), "draft": str(draft), "k": cfg.num_speculative_tokens, **runs,
+            "speedup": runs["speculative"]["tokens_per_s"] / runs["plain"]["tokens_per_s"],
+            "outputs_identical": identical,
+            "acceptance_rate": (runs["speculative"]["accepted_tokens"] / runs["speculative"]["draft_tokens"]
+                                if runs["speculative"]["draft_tokens"] else None)}
+
+
 # ------------------------------------------------------------------------------------ transformers
 
 
@@ -206,6 +262,8 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
             print("[bench] native W2: one stream", flush=True)
             r = native_stream(engine, w2_prompt, cfg.latency_output_len, "w2")
             res.setdefault("w2", {})["native"] = r | {"roofline_fraction": roofline(r["decode_tokens_per_s"])}
+        if "w3" in cfg.workloads:
+            res["w3"] = {"native": native_w3(cfg, Path(cache_dir or DEFAULT_CACHE))}
         if "w4" in cfg.workloads:
             print(f"[bench] native W4: {cfg.prefix_len}-token shared prefix", flush=True)
             prefix = _prompts(rng, 1, cfg.prefix_len, vocab)[0]
@@ -253,6 +311,12 @@ def _print(report: dict[str, Any]) -> None:
         if isinstance(r, dict):
             print(f"W2 {backend:<13} TTFT {r['ttft_ms']:7.1f} ms  ITL p50 {r['itl_median_ms']:6.2f} ms "
                   f"({r['decode_tokens_per_s']:.1f} tok/s)")
+    w3 = res.get("w3", {}).get("native", {})
+    if "speedup" in w3:
+        print(f"W3 native        speculative {w3['speculative']['tokens_per_s']:.1f} vs plain "
+              f"{w3['plain']['tokens_per_s']:.1f} tok/s: speedup {w3['speedup']:.2f}x, "
+              f"{w3['speculative']['tokens_per_step']:.2f} tokens/step, acceptance {w3['acceptance_rate'] or 0:.2f}, "
+              f"identical outputs: {w3['outputs_identical']}")
     if "w4" in res:
         r = res["w4"]["native"]
         print(f"W4 native        TTFT cold {r['ttft_cold_ms']:.1f} ms, warm {r['ttft_warm_ms']:.1f} ms "

@@ -6,6 +6,13 @@ decision + one forward pass and returns the streamed deltas (`RequestOutput`) of
 produced something; `abort_request()` frees a request's blocks at once. `generate()` drives step()
 until the given prompts finish (offline use, tests, benchmarks). Single-threaded: the async engine
 (for the servers) runs step() in one background thread and feeds it through a queue.
+
+Speculative decoding (`speculative_method`): each step, before scheduling, the `Speculator` asks the
+proposer for drafts of the decoding sequences; the scheduler computes them after each one's last
+token; the runner returns the target's logits at those 1 + k positions; the speculator verifies them
+(lossless rejection sampling) and the emitted tokens go through the normal append path one by one, so
+a stop token, stop string or max_tokens in the middle ends the sequence there and the rest is dropped.
+The scheduler rolls back the rejected drafts' KV before the prefix cache can see them.
 """
 
 from __future__ import annotations
@@ -14,17 +21,19 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from serve.engine.detokenizer import IncrementalDetokenizer
 from serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from serve.engine.sequence import Sequence, SequenceStatus
+from serve.engine.speculator import Speculator
 from serve.kv_cache.manager import KVCacheManager
 from serve.types import (CompletionOutput, EngineStats, FinishedRequestStats, FinishReason, InvalidRequestError,
                          Logprobs, Request, RequestOutput, SamplingParams)
 from serve.worker import sampler as sampling
-from serve.worker.model_runner import ModelRunner
+from serve.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,36 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Speculative decoding (serve/engine/speculator.py): "ngram" (prompt lookup) or "draft" (draft_model).
+    speculative_method: Literal["ngram", "draft"] | None = None
+    num_speculative_tokens: int = 4  # k: drafts verified per sequence and step
+    draft_model: str | None = None  # checkpoint sharing the target's tokenizer, for "draft"
+    speculative_ngram_min: int = 2
+    speculative_ngram_max: int = 4
+    speculative_max_num_seqs: int | None = None  # no drafts above this many running; None: 8 CPU, 32 CUDA
+    speculative_max_budget_fraction: float = 0.5  # no drafts when real work exceeds this share of the budget
+    speculative_by_default: bool = True  # for requests with SamplingParams.speculative=None
+
+    def __post_init__(self) -> None:
+        from lifecycle.errors import ConfigError
+
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ConfigError(f"speculative_method: must be 'ngram', 'draft' or None, got {self.speculative_method!r}")
+        if self.speculative_method == "draft" and not self.draft_model:
+            raise ConfigError("draft_model: speculative_method='draft' needs a draft checkpoint path")
+        if self.draft_model and self.speculative_method != "draft":
+            raise ConfigError(f"draft_model: is set but speculative_method is {self.speculative_method!r}; "
+                              "set speculative_method='draft' to use it")
+        if self.num_speculative_tokens < 1:
+            raise ConfigError(f"num_speculative_tokens: must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
+            raise ConfigError(f"speculative_ngram_min/max: need 1 <= min <= max, got "
+                              f"{self.speculative_ngram_min}, {self.speculative_ngram_max}")
+        if self.speculative_max_num_seqs is not None and self.speculative_max_num_seqs < 1:
+            raise ConfigError(f"speculative_max_num_seqs: must be >= 1 or None, got {self.speculative_max_num_seqs}")
+        if not 0.0 < self.speculative_max_budget_fraction <= 1.0:
+            raise ConfigError(f"speculative_max_budget_fraction: must be in (0, 1], "
+                              f"got {self.speculative_max_budget_fraction}")
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,6 +103,8 @@ class LLMEngine:
         # A sequence must fit in the KV pool on its own, or preemption could never make room for it
         # (it would preempt itself forever): the context the engine admits is the smaller of the two.
         self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
+        self.speculator = (Speculator.from_engine_config(config, self.runner, self.tokenizer, self.max_model_len,
+                                                         self.eos_token_ids) if config.speculative_method else None)
         self._seqs: dict[str, list[Sequence]] = {}  # request_id -> its n sequences
         self._sent_prompt_logprobs: set[str] = set()
         self._finished_stats: list[FinishedRequestStats] = []
@@ -116,7 +157,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        drafts = self.speculator.propose(self.scheduler) if self.speculator is not None else None
+        sched = self.scheduler.schedule(drafts)
+        if self.speculator is not None and sched.preempted:
+            self.speculator.remove([seq.seq_id for seq in sched.preempted])
         if sched.is_empty:
             return []
         wants_prompt = [item.seq.request.params.prompt_logprobs is not None
@@ -125,14 +169,14 @@ class LLMEngine:
         out = self.runner.execute(sched, tables, wants_prompt)
         for i, logits in out.prompt_logits.items():
             self._collect_prompt_logprobs(sched.scheduled[i], logits)
-        sampled = self._sample(sched, out.sample_indices, out.sample_logits)
+        emitted = self._sample_and_verify(sched, out)
         now = time.monotonic()
         touched: dict[str, dict[int, CompletionOutput]] = {}
-        for item in sched.scheduled:
-            self.scheduler.on_step_done(item)
-        for i, (token_id, logprobs) in sampled.items():
-            seq = sched.scheduled[i].seq  # it computed its last token: this one is new (also after recompute)
-            touched.setdefault(seq.request.request_id, {})[seq.index] = self._append(seq, token_id, logprobs, now)
+        for i, item in enumerate(sched.scheduled):  # before appending: drafts' KV rolls back to the accepted
+            self.scheduler.on_step_done(item, emitted[i][1] if item.num_drafts else 0)
+        for i, (tokens, _) in emitted.items():
+            seq = sched.scheduled[i].seq  # it computed its last token: these are new (also after recompute)
+            touched.setdefault(seq.request.request_id, {})[seq.index] = self._append_tokens(seq, tokens, now)
         for item in sched.scheduled:  # prompt logprobs of long prompts arrive before any token
             seq = item.seq
             if seq.request.params.prompt_logprobs is not None and seq.request.request_id not in touched \
@@ -156,15 +200,40 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         finished, self._finished_stats = self._finished_stats, []
-        pc = self.kv.prefix_cache_stats
+        pc, spec = self.kv.prefix_cache_stats, self.speculator
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                            kv_cache_usage=self.kv.usage, num_preemptions_total=self.scheduler.num_preemptions_total,
                            num_prompt_tokens_total=self.num_prompt_tokens_total,
                            num_generation_tokens_total=self.num_generation_tokens_total,
                            prefix_cache_queries_tokens=pc.num_queried_tokens, prefix_cache_hits_tokens=pc.num_hit_tokens,
+                           spec_draft_tokens_total=spec.num_draft_tokens_total if spec is not None else 0,
+                           spec_accepted_tokens_total=spec.num_accepted_tokens_total if spec is not None else 0,
                            finished_requests=finished)
 
     # ---------------------------------------------------------------------------- helpers
+    def _sample_and_verify(self, sched: SchedulerOutput, out: ModelRunnerOutput,
+                           ) -> dict[int, tuple[list[tuple[int, Logprobs | None]], int]]:
+        """item index -> (tokens to append with their logprobs, accepted drafts). Items that computed
+        their last token without drafts sample one token; items with drafts go through verification."""
+        plain_items, plain_rows, spec_items, spec_rows = [], [], [], []
+        row = 0
+        for i, num_rows in zip(out.sample_indices, out.num_sample_rows or [1] * len(out.sample_indices)):
+            if sched.scheduled[i].num_drafts:
+                spec_items.append(i)
+                spec_rows.extend(range(row, row + num_rows))
+            else:
+                plain_items.append(i)
+                plain_rows.append(row)
+            row += num_rows
+        logits = out.sample_logits  # (rows, V)
+        plain = logits if not spec_items else logits[plain_rows]  # (num_plain, V)
+        emitted = {i: ([token], 0) for i, token in self._sample(sched, plain_items, plain).items()}
+        if spec_items:
+            verified = self.speculator.verify([sched.scheduled[i] for i in spec_items], logits[spec_rows])
+            for i, v in zip(spec_items, verified):
+                emitted[i] = (list(zip(v.token_ids, v.logprobs or [None] * len(v.token_ids))), v.num_accepted)
+        return dict(sorted(emitted.items()))  # scheduling order, as without speculation
+
     def _sample(self, sched: SchedulerOutput, indices: list[int], logits: torch.Tensor,
                 ) -> dict[int, tuple[int, Logprobs | None]]:
         if not indices:
@@ -201,6 +270,17 @@ class LLMEngine:
             lp = sampling.compute_logprobs(logits[:len(targets)], target_ids, max(num_top, 1))
             seq.prompt_logprobs.extend(lp.to_logprobs(target_ids, [num_top] * len(targets)))
 
+    def _append_tokens(self, seq: Sequence, tokens: list[tuple[int, Logprobs | None]], now: float,
+                       ) -> CompletionOutput:
+        """Append one step's tokens in order; a finish (stop token or string, max_tokens, context) in the
+        middle ends the sequence there and the tokens after it are dropped."""
+        deltas = []
+        for token_id, logprobs in tokens:
+            deltas.append(self._append(seq, token_id, logprobs, now))
+            if seq.is_finished:
+                break
+        return deltas[0] if len(deltas) == 1 else _concat_completions(deltas)
+
     def _append(self, seq: Sequence, token_id: int, logprobs: Logprobs | None, now: float) -> CompletionOutput:
         seq.token_ids.append(token_id)
         self.num_generation_tokens_total += 1
@@ -234,6 +314,8 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.remove([seq.seq_id])
         req = seq.request
         end = time.monotonic()
         self._finished_stats.append(FinishedRequestStats(
@@ -273,19 +355,21 @@ def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
     for ro in deltas:
         for c in ro.outputs:
             by_index.setdefault(c.index, []).append(c)
-    outputs = []
-    for index in sorted(by_index):
-        parts = by_index[index]
-        logprobs = None
-        if any(p.logprobs is not None for p in parts):
-            logprobs = tuple(lp for p in parts for lp in (p.logprobs or ()))
-        outputs.append(CompletionOutput(index=index, token_ids=tuple(t for p in parts for t in p.token_ids),
-                                        text="".join(p.text for p in parts), logprobs=logprobs,
-                                        finish_reason=parts[-1].finish_reason, stop_reason=parts[-1].stop_reason))
+    outputs = [_concat_completions(by_index[index]) for index in sorted(by_index)]
     prompt_logprobs = next((ro.prompt_logprobs for ro in deltas if ro.prompt_logprobs is not None), None)
     return RequestOutput(request_id=last.request_id, outputs=tuple(outputs), finished=last.finished,
                          num_prompt_tokens=last.num_prompt_tokens, num_cached_tokens=last.num_cached_tokens,
                          prompt_logprobs=prompt_logprobs, queue_s=last.queue_s, ttft_s=last.ttft_s, e2e_s=last.e2e_s)
+
+
+def _concat_completions(parts: list[CompletionOutput]) -> CompletionOutput:
+    """Consecutive deltas of one completion as one delta."""
+    logprobs = None
+    if any(p.logprobs is not None for p in parts):
+        logprobs = tuple(lp for p in parts for lp in (p.logprobs or ()))
+    return CompletionOutput(index=parts[0].index, token_ids=tuple(t for p in parts for t in p.token_ids),
+                            text="".join(p.text for p in parts), logprobs=logprobs,
+                            finish_reason=parts[-1].finish_reason, stop_reason=parts[-1].stop_reason)
 
 
 def _eos_ids(path: Path, tokenizer) -> frozenset[int]:

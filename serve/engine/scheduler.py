@@ -9,6 +9,11 @@ Every step (vLLM v1's scheduler, simplified):
 2. Then, if nobody was preempted, waiting sequences are admitted in priority/arrival order: the
    prefix cache supplies every cached full block of the prompt, and the rest is scheduled, split into
    chunks when it exceeds the remaining budget (so running decodes keep flowing past a long prompt).
+3. Last, if nobody was preempted, speculative drafts (vLLM v1: drafts are just more tokens to compute):
+   a decoding sequence the engine proposed drafts for computes its last token + up to k drafts, from
+   the budget and the free KV blocks that are left. Drafts only ever take what nobody else asked for:
+   they never preempt, never delay an admission, and are cut short (to zero) when budget or blocks run
+   out. After the forward pass `on_step_done` keeps the accepted drafts' KV and rolls back the rest.
 Nothing here touches tensors: the model runner reads the `SchedulerOutput`.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Mapping, Sequence as Seq
 from dataclasses import dataclass, field
 
 from serve.engine.sequence import Sequence, SequenceStatus
@@ -39,12 +45,18 @@ class SchedulerConfig:
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
+    # Speculative drafts computed after the sequence's last token (the last num_drafts of the new tokens).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def completes_sequence(self) -> bool:
         """After this step every token is computed, so the last position's logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens + len(self.draft_token_ids)
+
+    @property
+    def num_drafts(self) -> int:
+        return len(self.draft_token_ids)
 
 
 @dataclass
@@ -87,8 +99,9 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     # ------------------------------------------------------------------------------ schedule
-    def schedule(self) -> SchedulerOutput:
-        """Decide this step's work (see the module docstring)."""
+    def schedule(self, draft_token_ids: Mapping[str, Seq[int]] | None = None) -> SchedulerOutput:
+        """Decide this step's work (see the module docstring). `draft_token_ids`: seq_id -> drafts the
+        engine proposes to verify after that sequence's last token (only decoding sequences use them)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         now = time.monotonic()
@@ -131,6 +144,20 @@ class Scheduler:
                 bisect.insort(self.running, seq, key=lambda s: s.sort_key)
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
+
+        if draft_token_ids and not out.preempted:
+            for item in out.scheduled:
+                drafts = draft_token_ids.get(item.seq.seq_id)
+                if not drafts or budget <= 0 or not (item.num_new_tokens == 1 and item.completes_sequence):
+                    continue
+                num_drafts = min(len(drafts), budget)
+                # Fewer drafts when the pool is short; allocate_slots changes nothing when it fails.
+                while num_drafts > 0 and self.kv.allocate_slots(item.seq.seq_id, num_drafts) is None:
+                    num_drafts -= 1
+                if num_drafts:
+                    item.draft_token_ids = list(drafts[:num_drafts])
+                    item.num_new_tokens += num_drafts
+                    budget -= num_drafts
         return out
 
     def _preempt(self, seq: Sequence) -> None:
@@ -142,9 +169,21 @@ class Scheduler:
         self.add(seq)
 
     # ---------------------------------------------------------------------------- after step
-    def on_step_done(self, item: ScheduledSeq) -> None:
-        """Advance computed tokens and publish newly full blocks to the prefix cache."""
+    def on_step_done(self, item: ScheduledSeq, num_accepted_drafts: int = 0) -> None:
+        """Advance computed tokens and publish newly full blocks to the prefix cache.
+
+        Call before the step's sampled tokens are appended. With drafts, the KV written for the first
+        `num_accepted_drafts` of them is the target's KV of the accepted tokens, so it stays computed;
+        the rejected drafts' slots are rolled back first, so `cache_full_blocks` never sees them.
+        Afterwards num_computed_tokens == the number of tokens whose KV is valid == slots held.
+        """
         seq = item.seq
-        seq.num_computed_tokens += item.num_new_tokens
+        if not 0 <= num_accepted_drafts <= item.num_drafts:
+            raise ValueError(f"{seq.seq_id}: {num_accepted_drafts} accepted of {item.num_drafts} drafts")
+        seq.num_computed_tokens += item.num_new_tokens - (item.num_drafts - num_accepted_drafts)
+        token_ids = seq.token_ids
+        if item.draft_token_ids:
+            self.kv.truncate(seq.seq_id, seq.num_computed_tokens)
+            token_ids = seq.token_ids + item.draft_token_ids[:num_accepted_drafts]
         if self.config.enable_prefix_caching:
-            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            self.kv.cache_full_blocks(seq.seq_id, token_ids, seq.num_computed_tokens)

@@ -8,19 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
+
+if TYPE_CHECKING:
+    from serve.types import SamplingParams
 
 RequestId: TypeAlias = int | str
 
 
 @dataclass(frozen=True)
 class ProposalInput:
-    """One request as the proposer sees it: every token so far (prompt, then generated)."""
+    """One request as the proposer sees it: every token so far (prompt, then generated).
+
+    `params` and `generator` matter only to proposers that sample their drafts (a draft model): None
+    params means greedy; a seeded request's drafts are drawn from its own `generator`.
+    """
 
     request_id: RequestId
     token_ids: Sequence[int]
+    params: SamplingParams | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass(frozen=True)
@@ -66,9 +75,9 @@ class Proposer(Protocol):
          (its accepted drafts and last sampled token included). A stateful proposer (a draft model
          with its own KV cache) reconciles its state from these ids: whatever it proposed last step
          and is not in them was rejected.
-      2. The scheduler appends `proposal.draft_token_ids[b]` to request b's tokens to compute; the
-         runner computes target_probs at the K+1 positions and calls
-         `rejection_sample(target_probs, *proposal.padded(device), ...)` with `proposal.draft_probs`.
+      2. The scheduler appends `proposal.draft_token_ids[b]` (possibly cut short) to request b's tokens
+         to compute; the runner computes the target's logits at the K+1 positions and the engine
+         calls `rejection_sample` with them and `proposal.draft_probs` (serve/spec_decode/verify.py).
       3. `proposer.remove(request_ids)` when requests finish, abort or are preempted, so per-request
          state is released; stateless proposers ignore it.
     A request may get fewer than num_tokens drafts, or none; the proposer never raises for "no

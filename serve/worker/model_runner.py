@@ -30,14 +30,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 class ModelRunnerOutput:
     """Logits the engine needs from this step, in fp32.
 
-    `sample_logits[j]` is the next-token distribution of `scheduled[sample_indices[j]]` (only items
-    that computed their last token). `prompt_logits[i]` holds, for scheduled item i that asked for
-    prompt logprobs, the logits at each of its new positions (row r predicts the token after it).
+    `sample_indices` are the items that computed their last token. Item `sample_indices[j]` owns
+    `num_sample_rows[j]` consecutive rows of `sample_logits`: 1 (its next-token distribution) plus one
+    per speculative draft it verifies (row r scores the token after its last token + drafts[:r], so
+    the rows are p_1..p_{k+1} of the speculative sampling rule). `prompt_logits[i]` holds, for
+    scheduled item i that asked for prompt logprobs, the logits at each of its new positions (row r
+    predicts the token after it).
     """
 
     sample_indices: list[int]
-    sample_logits: torch.Tensor  # (num_sampled, vocab)
+    sample_logits: torch.Tensor  # (sum(num_sample_rows), vocab)
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> (num_new_tokens, vocab)
+    num_sample_rows: list[int] = field(default_factory=list)  # per sample_indices entry: 1 + num drafts
 
 
 class ModelRunner:
@@ -71,29 +75,43 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput, block_tables: list[list[int]],
                 wants_prompt_logits: list[bool]) -> ModelRunnerOutput:
         """One forward pass. `block_tables[i]` and `wants_prompt_logits[i]` belong to `sched.scheduled[i]`."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens, seq_lens = [], []
+        chunks = []
         for item in sched.scheduled:
-            start = item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids.extend(item.seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            query_lens.append(item.num_new_tokens)
-            seq_lens.append(end)
-        meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size, self.device)
-        hidden = self.model.forward(torch.tensor(input_ids, device=self.device),
-                                    torch.tensor(positions, device=self.device), self.kv_caches, meta)
-        # (num_tokens, hidden): project only the rows someone needs onto the vocabulary.
+            seq, start = item.seq, item.seq.num_computed_tokens
+            # Drafts are just more tokens to compute: they follow the sequence's own tokens.
+            new_ids = seq.token_ids[start:start + item.num_new_tokens - item.num_drafts] + item.draft_token_ids
+            chunks.append((new_ids, start))
+        hidden, meta = self.forward(chunks, block_tables)  # (num_tokens, hidden)
+        # Project only the rows someone needs onto the vocabulary.
         sample_indices = [i for i, item in enumerate(sched.scheduled) if item.completes_sequence]
-        last_rows = [meta.query_starts[i] + query_lens[i] - 1 for i in sample_indices]
-        sample_logits = self.model.logits(hidden[last_rows]) if last_rows else hidden.new_zeros((0, self.vocab_size))
+        num_sample_rows = [1 + sched.scheduled[i].num_drafts for i in sample_indices]
+        ends = [meta.query_starts[i] + meta.query_lens[i] for i in sample_indices]
+        rows = [row for end, num in zip(ends, num_sample_rows) for row in range(end - num, end)]
+        sample_logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros((0, self.vocab_size))
         prompt_logits = {}
         for i, wants in enumerate(wants_prompt_logits):
             if wants:
-                rows = slice(meta.query_starts[i], meta.query_starts[i] + query_lens[i])
-                prompt_logits[i] = self.model.logits(hidden[rows])
-        return ModelRunnerOutput(sample_indices, sample_logits, prompt_logits)
+                prompt_rows = slice(meta.query_starts[i], meta.query_starts[i] + meta.query_lens[i])
+                prompt_logits[i] = self.model.logits(hidden[prompt_rows])
+        return ModelRunnerOutput(sample_indices, sample_logits, prompt_logits, num_sample_rows)
+
+    def forward(self, chunks: list[tuple[list[int], int]], block_tables: list[list[int]],
+                ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The bare forward pass: `chunks[i] = (new token ids, position of the first)` of sequence i, whose
+        KV goes to (and context is read from) `block_tables[i]`. Returns hidden states (num_tokens, hidden)
+        in chunk order, and the metadata (its `query_starts` locate each chunk's rows)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens, seq_lens = [], []
+        for new_ids, start in chunks:
+            input_ids.extend(new_ids)
+            positions.extend(range(start, start + len(new_ids)))
+            query_lens.append(len(new_ids))
+            seq_lens.append(start + len(new_ids))
+        meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size, self.device)
+        hidden = self.model.forward(torch.tensor(input_ids, device=self.device),
+                                    torch.tensor(positions, device=self.device), self.kv_caches, meta)
+        return hidden, meta
 
     def copy_block(self, src_block_id: int, dst_block_id: int) -> None:
         """Copy-on-write for n > 1: the child's last, partial block starts as the parent's."""

@@ -12,7 +12,8 @@ from serve.bench_engine import BenchEngineConfig, bench_engine
 
 def test_bench_engine_smoke(tmp_path, trained_checkpoint):
     out = tmp_path / "engine.json"
-    report = bench_engine(BenchEngineConfig(model=str(trained_checkpoint), num_requests=3, prompt_len=16,
+    report = bench_engine(BenchEngineConfig(model=str(trained_checkpoint), workloads=["w1", "w2", "w4"],
+                                            num_requests=3, prompt_len=16,
                                             output_len=4, latency_output_len=4, prefix_len=64, output=str(out)))
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
@@ -21,6 +22,16 @@ def test_bench_engine_smoke(tmp_path, trained_checkpoint):
     assert res["w2"]["native"]["output_tokens"] == 4 and res["w2"]["native"]["ttft_ms"] > 0
     assert 0 < res["w4"]["native"]["warm_over_cold"]
     assert saved["machine"]["fp32_matmul_gflops"] > 0 and (tmp_path / "engine.png").is_file()
+
+
+def test_bench_engine_w3_speculative(tmp_path, trained_checkpoint):
+    """The target as its own draft: every draft is accepted and outputs are identical."""
+    report = bench_engine(BenchEngineConfig(model=str(trained_checkpoint), workloads=["w3"], backends=["native"],
+                                            target=str(trained_checkpoint), draft=str(trained_checkpoint),
+                                            latency_output_len=12, spec_prompts=2, output=str(tmp_path / "e.json")))
+    w3 = report["results"]["w3"]["native"]
+    assert w3["outputs_identical"] and w3["acceptance_rate"] == 1.0
+    assert w3["speculative"]["tokens_per_step"] > w3["plain"]["tokens_per_step"]
 
 
 def test_bench_engine_bad_flags():
