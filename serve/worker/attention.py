@@ -75,11 +75,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     bs = meta.block_size
     for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens)):
-        num_blocks = -(-slen // bs)
-        table = meta.block_tables[i, :num_blocks]  # (num_blocks,)
-        slots = (table[:, None] * bs + torch.arange(bs, device=q.device)[None, :]).reshape(-1)[:slen]  # (slen,)
-        k = k_cache.index_select(0, slots).transpose(0, 1)  # (kv_heads, slen, head_dim)
-        v = v_cache.index_select(0, slots).transpose(0, 1)  # (kv_heads, slen, head_dim)
+        table = meta.block_tables[i, :-(-slen // bs)]  # (num_blocks,)
+        k = _gather_blocks(k_cache, table, bs)[:slen].transpose(0, 1)  # (kv_heads, slen, head_dim)
+        v = _gather_blocks(v_cache, table, bs)[:slen].transpose(0, 1)  # (kv_heads, slen, head_dim)
         qi = q[start:start + qlen].transpose(0, 1)  # (heads, qlen, head_dim)
         if qlen == slen:  # a whole prompt in one chunk: plain causal
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -93,16 +91,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Copy whole blocks out of a (num_slots, kv_heads, head_dim) cache -> (len(block_ids) * block_size, kv_heads,
+    head_dim). `index_select` over block rows copies contiguous runs; advanced indexing was ~4x slower here."""
+    kv_heads, head_dim = cache.shape[1], cache.shape[2]
+    rows = cache.view(-1, block_size * kv_heads * head_dim)  # (num_blocks, block_size * kv_heads * head_dim)
+    return rows.index_select(0, block_ids).view(-1, kv_heads, head_dim)
+
+
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: float) -> torch.Tensor:
     """One query token per sequence: gather every sequence's blocks (padded) and attend in one call."""
     num_seqs, max_blocks = meta.block_tables.shape
     bs = meta.block_size
     kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
-    blocked_k = k_cache.view(-1, bs, kv_heads, head_dim)  # (num_blocks, bs, kv_heads, head_dim)
-    blocked_v = v_cache.view(-1, bs, kv_heads, head_dim)
-    k = blocked_k[meta.block_tables].reshape(num_seqs, max_blocks * bs, kv_heads, head_dim)  # (B, L, kvh, hd)
-    v = blocked_v[meta.block_tables].reshape(num_seqs, max_blocks * bs, kv_heads, head_dim)
+    k = _gather_blocks(k_cache, meta.block_tables.reshape(-1), bs).view(num_seqs, max_blocks * bs, kv_heads, head_dim)
+    v = _gather_blocks(v_cache, meta.block_tables.reshape(-1), bs).view(num_seqs, max_blocks * bs, kv_heads, head_dim)
     qb = q[:, None].transpose(1, 2)  # (B, heads, 1, head_dim)
     o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask,
                                        scale=scale, enable_gqa=True)  # (B, heads, 1, head_dim)
