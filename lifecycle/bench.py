@@ -245,25 +245,18 @@ def print_report(report: dict[str, Any], out: Path) -> None:
 
 
 def plot_report(report: dict[str, Any], png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lifecycle.plots import new_figure, save_figure
 
     names = list(report["runs"])
     medians = [report["runs"][n]["tokens_per_s_median"] for n in names]
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = new_figure(figsize=(5, 4))
     bars = ax.bar(names, medians, color=["tab:blue", "tab:gray"])
     ax.bar_label(bars, fmt="%.0f")
     ax.set_ylabel("tokens/s (median over measured steps)")
     c = report["config"]
     ax.set_title(f"pretrain {c['preset']}, seq {c['seq_len']}, batch {c['global_batch_size']}\n"
                  f"{report['machine']['cpu_model']}", fontsize=9)
-    fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
 
 
 # -------------------------------------------------------------------------------------------- CLI

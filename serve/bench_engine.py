@@ -14,7 +14,6 @@ roofline (FLOPs per token x tokens/s / matmul rate). Runs are sequential: on 2 c
 from __future__ import annotations
 
 import json
-import os
 import random
 import statistics
 import time
@@ -289,11 +288,11 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
     for name, key in (("w1", "output_tokens_per_s"), ("w2", "decode_tokens_per_s")):
         if name in res and {"native", "transformers"} <= set(res[name]):
             res[name]["native_over_transformers"] = res[name]["native"][key] / res[name]["transformers"][key]
+    from lifecycle.data.manifest import atomic_write_text
+
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2))
     if cfg.plot:
         _plot(report, out.with_suffix(".png"))
     _print(report)
@@ -324,24 +323,17 @@ def _print(report: dict[str, Any]) -> None:
 
 
 def _plot(report: dict[str, Any], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lifecycle.plots import new_figure, save_figure
 
     res = report["results"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = new_figure(1, 2, figsize=(9, 3.6))
     for ax, (name, key, label) in zip(axes, (("w1", "output_tokens_per_s", "W1 output tokens/s"),
                                              ("w2", "decode_tokens_per_s", "W2 decode tokens/s (1 stream)"))):
         rows = {b: r[key] for b, r in res.get(name, {}).items() if isinstance(r, dict)}
         ax.bar(list(rows), list(rows.values()), color=["#3b7dd8", "#999999"][:len(rows)])
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
 
 
 def add_action(actions: Any) -> None:

@@ -459,13 +459,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def plot_metrics(metrics_path: Path, png_path: Path, title: str) -> None:
     """Training loss per step and held-out loss where evaluated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lifecycle.plots import new_figure, save_figure
 
     records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
     evals = [r for r in records if "eval_loss" in r]
     if evals:
@@ -475,11 +472,7 @@ def plot_metrics(metrics_path: Path, png_path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
 
 
 # -------------------------------------------------------------------------------------------- CLI
