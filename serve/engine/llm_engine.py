@@ -193,10 +193,12 @@ class LLMEngine:
             self.add_request(rid, prompt, p)
         merged: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
         while any(not (merged[rid] and merged[rid][-1].finished) for rid in ids):
+            if not self.has_unfinished_requests():  # aborted from elsewhere: nothing more will come
+                break
             for ro in self.step():
                 if ro.request_id in merged:
                     merged[ro.request_id].append(ro)
-        return [merge_outputs(merged[rid]) for rid in ids]
+        return [merge_outputs(merged[rid]) if merged[rid] else _empty_output(rid) for rid in ids]
 
     def stats(self) -> EngineStats:
         finished, self._finished_stats = self._finished_stats, []
@@ -346,6 +348,11 @@ class LLMEngine:
             queue_s=None if first.first_scheduled_s is None else first.first_scheduled_s - req.arrival_time_s,
             ttft_s=None if first.first_token_s is None else first.first_token_s - req.arrival_time_s,
             e2e_s=None if end is None else end - req.arrival_time_s)
+
+
+def _empty_output(request_id: str) -> RequestOutput:
+    """A request that ended (aborted) before producing anything."""
+    return RequestOutput(request_id=request_id, outputs=(), finished=True, num_prompt_tokens=0)
 
 
 def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
