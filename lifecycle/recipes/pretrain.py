@@ -388,7 +388,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 fh.write(json.dumps(record) + "\n")
         if bar is not None:
             bar.update(1)
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            tok_s=f"{(done - start_step) * tokens_per_step / elapsed:.0f}",
                             **({"eval": f"{last_eval['eval_loss']:.3f}"} if last_eval else {}))
         if (cfg.save_every and done % cfg.save_every == 0) or done == stop:
             _save_step(accelerator, model, optimizer, scheduler, tokenizer, cfg, data, parent, out, done,
