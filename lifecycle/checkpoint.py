@@ -16,7 +16,6 @@ the sha256 of every other file in the directory.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lifecycle.data.manifest import sha256_file
 from lifecycle.errors import CheckpointError
 
 MANIFEST_NAME = "manifest.json"
@@ -34,14 +34,6 @@ FORMAT_NAME = "lmforge-checkpoint"
 FORMAT_VERSION = 1
 # Architectures every stage handles: Llama-style decoders (ours) and their close relatives.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_revision() -> str | None:

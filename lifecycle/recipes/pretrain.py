@@ -13,6 +13,7 @@ precision). What it adds is the part people lose runs to:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -353,7 +354,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             rows = idx[lo:lo + cfg.micro_batch_size]
             ids = torch.from_numpy(data.train[rows].astype(np.int64)).to(device)  # (micro_batch, seq_len)
             sync = micro == accum - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, autocast():
                 loss = model(input_ids=ids, labels=ids).loss / accum
                 accelerator.backward(loss)
@@ -416,14 +417,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
         print(f"final checkpoint: {final}", flush=True)
     accelerator.wait_for_everyone()
     return final
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _save_step(accelerator, model, optimizer, scheduler, tokenizer, cfg, data, parent, out: Path, step: int,
