@@ -281,6 +281,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # accelerate runs multi-process CPU training (gloo) only when told `cpu=True`; on a GPU box the
     # same code takes CUDA (DDP over NCCL under torchrun).
     use_cpu = not torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not use_cpu and local_rank >= torch.cuda.device_count():
+        # Otherwise CUDA's "invalid device ordinal" surfaces from deep inside accelerate.
+        raise ConfigError(f"this process is local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) "
+                          f"are visible: start torchrun with --nproc_per_node {torch.cuda.device_count()}, or "
+                          "set CUDA_VISIBLE_DEVICES= to train on CPU processes")
     precision = _resolve_precision(cfg.precision, PartialState(cpu=use_cpu).device)
     from accelerate.state import AcceleratorState
 

@@ -107,7 +107,8 @@ def test_two_processes_same_curve(tmp_path, reference_run, tiny_corpus, tiny_tok
     """torchrun --nproc_per_node 2 (gloo on CPU) with the same global batch gives the same losses."""
     cfg = _cfg(tmp_path, tiny_corpus, tiny_tokenizer_dir, micro_model_yaml, micro_batch_size=2)
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU processes over gloo even on a GPU box (one GPU cannot host two ranks).
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "lifecycle",
                           *_cli_args(cfg)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

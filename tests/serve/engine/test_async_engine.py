@@ -16,7 +16,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture()
 def engines(trained_checkpoint):
-    engine = LLMEngine(EngineConfig(model=str(trained_checkpoint)))
+    engine = LLMEngine(EngineConfig(model=str(trained_checkpoint), dtype="float32"))
     async_engine = AsyncEngine(engine)
     yield engine, async_engine
     async_engine.shutdown()
@@ -37,7 +37,7 @@ def test_streams_per_token_deltas_matching_offline(engines, trained_checkpoint):
         return await asyncio.gather(*(_collect(async_engine, f"r{i}", p) for i, p in enumerate(prompts)))
 
     streams = asyncio.run(main())
-    offline = LLMEngine(EngineConfig(model=str(trained_checkpoint))).generate(prompts, GREEDY)
+    offline = LLMEngine(EngineConfig(model=str(trained_checkpoint), dtype="float32")).generate(prompts, GREEDY)
     for deltas, ref in zip(streams, offline):
         assert all(len(d.outputs[0].token_ids) == 1 for d in deltas)  # one token per delta
         assert [t for d in deltas for t in d.outputs[0].token_ids] == list(ref.outputs[0].token_ids)

@@ -50,8 +50,9 @@ def assert_same_greedy(hf_model, engine: LLMEngine, prompts, outputs, max_new_to
             assert margin < 1e-4, f"prompt {prompt!r}: first difference at token {pos}, HF top-2 margin {margin}"
 
 
+# Parity tests pin fp32 on every device: the engine defaults to bf16 on CUDA, whose rounding is not HF fp32.
 def make_engine(path, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(path), **kw))
+    return LLMEngine(EngineConfig(model=str(path), **{"dtype": "float32", **kw}))
 
 
 def assert_pool_empty(engine: LLMEngine) -> None:

@@ -41,7 +41,7 @@ PENALIZED = dict(repetition_penalty=1.3)
 
 
 def make_engine(path, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(path), block_size=4, **kw))
+    return LLMEngine(EngineConfig(model=str(path), block_size=4, **{"dtype": "float32", **kw}))
 
 
 def token_ids(outputs) -> list[tuple[int, ...]]:
