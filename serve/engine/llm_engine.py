@@ -42,6 +42,7 @@ class EngineConfig:
     device: str | None = None  # None/"auto": CUDA if available, else CPU
     dtype: str | None = None  # "float32", "bfloat16", "float16"; default fp32 on CPU, bf16 on CUDA
     block_size: int = 16
+    use_cpu_kernels: bool = True  # fp32 on CPU: lmforge's C kernels (serve/worker/kernels); False: torch ops only
     kv_cache_memory_bytes: int | None = None  # default 1 GiB
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
     max_num_seqs: int = 256
@@ -92,7 +93,8 @@ class LLMEngine:
         self.tokenizer = self.checkpoint.load_tokenizer()
         dtype = _DTYPES[config.dtype] if config.dtype else None
         self.runner = ModelRunner(Path(config.model), device=config.device, dtype=dtype, block_size=config.block_size,
-                                  kv_cache_memory_bytes=config.kv_cache_memory_bytes, num_blocks=config.num_kv_blocks)
+                                  kv_cache_memory_bytes=config.kv_cache_memory_bytes, num_blocks=config.num_kv_blocks,
+                                  use_cpu_kernels=config.use_cpu_kernels)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(

@@ -12,10 +12,20 @@ global context between runner and attention).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from serve.worker.kernels import CpuKernels
+
+# With the CPU kernel, sequences computing at most this many tokens this step (decodes, speculative
+# verification, short chunks) attend in the kernel; longer prefill chunks go to SDPA, whose blocked matrix
+# products beat the kernel's per-query loop there (docs/BENCHMARKS.md, "attention paths").
+KERNEL_MAX_QUERY_LEN = 16
 
 
 @dataclass
@@ -31,6 +41,13 @@ class AttentionMetadata:
     # The decode-only fast path (every query_len == 1) needs a key-padding mask over the padded tables.
     is_all_decode: bool
     decode_mask: torch.Tensor | None = None  # (num_seqs, 1, 1, max_blocks * block_size) bool
+    # The sequences the CPU kernel takes (query_len <= KERNEL_MAX_QUERY_LEN: decodes, speculative verification,
+    # small chunks) as int64 tensors, built once per step rather than once per layer.
+    kernel_seqs: list[int] = field(default_factory=list)
+    kernel_block_tables: torch.Tensor | None = None  # (len(kernel_seqs), max_blocks)
+    kernel_query_starts: torch.Tensor | None = None  # (len(kernel_seqs),)
+    kernel_query_lens: torch.Tensor | None = None
+    kernel_seq_lens: torch.Tensor | None = None
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -51,9 +68,14 @@ class AttentionMetadata:
             key_pos = torch.arange(max_blocks * block_size, device=device)  # (max_len,)
             lens = torch.tensor(seq_lens, device=device)  # (num_seqs,)
             mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # (num_seqs, 1, 1, max_len)
-        return cls(query_lens=query_lens, seq_lens=seq_lens, query_starts=starts,
-                   slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device), block_tables=tables,
-                   block_size=block_size, is_all_decode=is_all_decode, decode_mask=mask)
+        as_i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        short = [i for i, q in enumerate(query_lens) if q <= KERNEL_MAX_QUERY_LEN]
+        return cls(query_lens=query_lens, seq_lens=seq_lens, query_starts=starts, slot_mapping=as_i64(slots),
+                   block_tables=tables, block_size=block_size, is_all_decode=is_all_decode, decode_mask=mask,
+                   kernel_seqs=short, kernel_block_tables=tables[as_i64(short)].contiguous(),
+                   kernel_query_starts=as_i64([starts[i] for i in short]),
+                   kernel_query_lens=as_i64([query_lens[i] for i in short]),
+                   kernel_seq_lens=as_i64([seq_lens[i] for i in short]))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -64,17 +86,24 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, kernels: CpuKernels | None = None) -> torch.Tensor:
     """Causal attention of the new tokens over their sequences' cached context.
 
     q: (num_tokens, num_heads, head_dim); caches as in `write_kv` (already holding this step's K/V).
-    Returns (num_tokens, num_heads, head_dim).
+    Returns (num_tokens, num_heads, head_dim). With `kernels` (fp32 on CPU), one call reads K/V in place through
+    the block tables; otherwise blocks are gathered into contiguous tensors for torch's SDPA.
     """
-    if meta.is_all_decode:
+    if kernels is None and meta.is_all_decode:
         return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
+    if kernels is not None and meta.kernel_seqs:
+        kernels.paged_attention(q, k_cache, v_cache, meta.kernel_block_tables, meta.kernel_query_starts,
+                                meta.kernel_query_lens, meta.kernel_seq_lens, meta.block_size, scale, out=out)
+    done = set(meta.kernel_seqs) if kernels is not None else set()
     bs = meta.block_size
     for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens)):
+        if i in done:
+            continue
         table = meta.block_tables[i, :-(-slen // bs)]  # (num_blocks,)
         k = _gather_blocks(k_cache, table, bs)[:slen].transpose(0, 1)  # (kv_heads, slen, head_dim)
         v = _gather_blocks(v_cache, table, bs)[:slen].transpose(0, 1)  # (kv_heads, slen, head_dim)

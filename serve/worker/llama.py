@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lifecycle.errors import CheckpointError
+from serve.worker import kernels as cpu_kernels
 from serve.worker.attention import AttentionMetadata, paged_attention, write_kv
 
 
@@ -92,8 +93,18 @@ class LlamaDecoder:
     """Weights + forward. Stateless across steps: the KV cache is passed in."""
 
     def __init__(self, cfg: DecoderConfig, state: dict[str, torch.Tensor], *, device: torch.device,
-                 dtype: torch.dtype, source: str = "checkpoint") -> None:
+                 dtype: torch.dtype, source: str = "checkpoint", use_cpu_kernels: bool = True) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        # Our C kernels (serve/worker/kernels) cover fp32 on CPU; everything else runs on torch ops.
+        self.kernels = None
+        if use_cpu_kernels and device.type == "cpu" and dtype == torch.float32:
+            self.kernels = cpu_kernels.load()
+        if self.kernels is not None:
+            self.kernel_path = "lmforge CPU kernels (paged attention in place, small-batch linear)"
+        elif device.type == "cpu" and dtype == torch.float32 and use_cpu_kernels:
+            self.kernel_path = f"torch ops ({cpu_kernels.status().reason})"
+        else:
+            self.kernel_path = "torch ops"
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
@@ -129,16 +140,24 @@ class LlamaDecoder:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype | None = None) -> "LlamaDecoder":
+    def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
+                        use_cpu_kernels: bool = True) -> "LlamaDecoder":
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         cfg = DecoderConfig.from_checkpoint_config(config, str(path / "config.json"))
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        return cls(cfg, _load_state_dict(path), device=device, dtype=dtype, source=str(path))
+        return cls(cfg, _load_state_dict(path), device=device, dtype=dtype, source=str(path),
+                   use_cpu_kernels=use_cpu_kernels)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int]:
         return (num_blocks * block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """F.linear; a few rows (decode of one or a few sequences) go to the weight-streaming kernel."""
+        if self.kernels is not None and x.shape[0] <= cpu_kernels.MAX_SMALL_M:
+            return self.kernels.linear_small_m(x.contiguous(), weight, bias)
+        return F.linear(x, weight, bias)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -162,19 +181,19 @@ class LlamaDecoder:
         sin = self.rope_sin[positions].to(x.dtype)[:, None, :]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = self._rms_norm(x, layer.input_norm)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
+            qkv = self._linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
             q = qkv[:, :num_q].view(-1, cfg.num_heads, hd)  # (T, heads, head_dim)
             k = qkv[:, num_q:num_q + num_kv].view(-1, cfg.num_kv_heads, hd)  # (T, kv_heads, head_dim)
             v = qkv[:, num_q + num_kv:].reshape(-1, cfg.num_kv_heads, hd)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            attn = paged_attention(q, k_cache, v_cache, meta, self.scale)  # (T, heads, head_dim)
-            x = x + F.linear(attn.reshape(-1, num_q), layer.o)
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale, self.kernels)  # (T, heads, head_dim)
+            x = x + self._linear(attn.reshape(-1, num_q), layer.o)
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)  # (T, intermediate) each
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = self._linear(h, layer.gate_up).chunk(2, dim=-1)  # (T, intermediate) each
+            x = x + self._linear(F.silu(gate) * up, layer.down)
         return self._rms_norm(x, self.final_norm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) -> (rows, vocab) in fp32 (sampling and logprobs want full precision)."""
-        return F.linear(hidden, self.lm_head).float()
+        return self._linear(hidden, self.lm_head).float()

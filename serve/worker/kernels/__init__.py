@@ -1,0 +1,173 @@
+"""lmforge's CPU kernels (`cpu_kernels.c`): built on first use with the system C compiler, loaded with ctypes.
+
+Why C and ctypes rather than a torch C++ extension: the source needs no torch headers, so it compiles in about a
+second with `cc -O3 -march=native -fopenmp`, and needs neither ninja nor a matching libtorch ABI. OpenMP resolves
+to the libgomp torch has already loaded (same soname), so kernels and torch share one thread pool.
+
+The build is cached under `$LMFORGE_KERNEL_CACHE` (default `~/.cache/lmforge/kernels`), keyed by the source, the
+flags, the compiler's version and the CPU's feature flags (`-march=native` code must not travel to another CPU).
+It is written to a temporary name and renamed, so concurrent first uses are safe.
+
+Kernels are an optimisation, never a requirement: with no compiler, a failed build, a non-CPU device, a dtype
+other than fp32, or `LMFORGE_CPU_KERNELS=0`, `load()` returns None (`status()` says why) and callers use torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# A linear layer goes to `linear_small_m` up to this many rows; above it torch's GEMM (MKL/oneDNN) wins.
+MAX_SMALL_M = 8
+
+_i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    available: bool
+    reason: str  # what was built and where, or why not
+    path: str | None = None
+
+
+class CpuKernels:
+    """Typed wrappers over the shared library; every argument is checked before a pointer is passed."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._attn = lib.lmf_paged_attention_f32
+        self._attn.restype = None
+        self._attn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+                               _f32, _ptr, _int]
+        self._linear = lib.lmf_linear_small_m_f32
+        self._linear.restype = None
+        self._linear.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, query_starts: torch.Tensor, query_lens: torch.Tensor,
+                        seq_lens: torch.Tensor, block_size: int, scale: float,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: (num_tokens, heads, head_dim); caches: (num_slots, kv_heads, head_dim); block_tables:
+        (num_seqs, max_blocks) int64; query_starts/query_lens/seq_lens: (num_seqs,) int64. Returns `out` (like q),
+        of which only the given sequences' rows are written."""
+        _check_f32(q, k_cache, v_cache)
+        _check_i64(block_tables, query_starts, query_lens, seq_lens)
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads = k_cache.shape[1]
+        if k_cache.shape[2] != head_dim or num_heads % num_kv_heads:
+            raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
+        if out is None:
+            out = torch.empty_like(q)
+        _check_f32(out)
+        if out.shape != q.shape:
+            raise ValueError(f"out {tuple(out.shape)} is not shaped like q {tuple(q.shape)}")
+        self._attn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                   query_starts.data_ptr(), query_lens.data_ptr(), seq_lens.data_ptr(), block_tables.shape[0],
+                   block_tables.shape[1], num_tokens, num_heads, num_kv_heads, head_dim, block_size, scale,
+                   out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def linear_small_m(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (m, k), weight: (n, k), bias: (n,) -> (m, n), as F.linear."""
+        _check_f32(x, weight, *([bias] if bias is not None else []))
+        m, k = x.shape
+        n = weight.shape[0]
+        if weight.shape[1] != k or (bias is not None and bias.shape != (n,)):
+            raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+        out = x.new_empty((m, n))
+        self._linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                     out.data_ptr(), m, n, k, torch.get_num_threads())
+        return out
+
+
+def _check_f32(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"CPU kernels take contiguous fp32 CPU tensors, got {t.dtype} on {t.device} "
+                             f"(contiguous={t.is_contiguous()})")
+
+
+def _check_i64(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"CPU kernels take contiguous int64 CPU index tensors, got {t.dtype} on {t.device}")
+
+
+_lock = threading.Lock()
+_loaded: tuple[CpuKernels | None, KernelStatus] | None = None
+
+
+def load() -> CpuKernels | None:
+    """The kernels, built if needed; None when they cannot be had (see `status()`)."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _load()
+            log.info("CPU kernels: %s", _loaded[1].reason)
+    return _loaded[0]
+
+
+def status() -> KernelStatus:
+    load()
+    assert _loaded is not None
+    return _loaded[1]
+
+
+def _load() -> tuple[CpuKernels | None, KernelStatus]:
+    if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
+        return None, KernelStatus(False, "disabled by LMFORGE_CPU_KERNELS=0")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None, KernelStatus(False, "no C compiler (cc/gcc) on PATH; using torch ops")
+    try:
+        path = _build(compiler)
+        return CpuKernels(ctypes.CDLL(str(path))), KernelStatus(True, f"built with {compiler} at {path}", str(path))
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        return None, KernelStatus(False, f"build failed ({exc}); using torch ops")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or Path.home() / ".cache" / "lmforge" / "kernels")
+    target = root / key / "lmforge_cpu_kernels.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode:
+            raise subprocess.SubprocessError(done.stderr.strip()[-800:])
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

@@ -1,0 +1,146 @@
+/* lmforge's CPU kernels: plain C + OpenMP, built on first use by serve/worker/kernels/__init__.py and
+ * called through ctypes with raw pointers (no torch headers: it compiles in about a second).
+ *
+ * Why they exist (measured in docs/BENCHMARKS.md): on a CPU, eager PyTorch pays twice where an engine need not.
+ *  - Decode attention over a paged cache had to copy every sequence's blocks into one padded tensor
+ *    (index_select) before scaled_dot_product_attention read them again: K/V crossed memory three times.
+ *    `lmf_paged_attention_f32` reads each K and V row once, in place, through the block table
+ *    (PagedAttention, Kwon et al. 2023, sec. 4.1; the CPU analogue of vLLM's paged_attention_v1).
+ *  - A linear layer over a handful of rows (single-stream decode, speculative verification) is a
+ *    matrix-vector product bound by streaming the weights; `lmf_linear_small_m_f32` streams each weight
+ *    row once for all rows of x, with several accumulators so the FMA latency hides under the loads.
+ * Everything is fp32, every tensor contiguous; the Python side checks that before calling.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+         acc3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+  __m128 lo = _mm256_castps256_ps128(acc), hi = _mm256_extractf128_ps(acc, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  float s = _mm_cvtss_f32(lo);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+#else
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+/* out[d] += w * v[d] */
+static inline void axpy_f32(float* out, float w, const float* v, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+  for (; i < n; ++i) out[i] += w * v[i];
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] += w * v[i];
+#endif
+}
+
+/* Causal attention of the step's new tokens over their sequences' paged context.
+ *   q:            (num_tokens, num_heads, head_dim), the step's queries, sequences one after another
+ *   k/v_cache:    (num_slots, num_kv_heads, head_dim); slot of position p of sequence i is
+ *                 block_tables[i][p / block_size] * block_size + p % block_size
+ *   block_tables: (num_seqs, max_blocks)
+ *   query_starts, query_lens, seq_lens: (num_seqs,) — sequence i's new tokens are rows
+ *                 query_starts[i] .. + query_lens[i] of q, at positions seq_lens[i] - query_lens[i] ..
+ *   out:          (num_tokens, num_heads, head_dim); only the rows of the given sequences are written
+ * Query head h reads kv head h / (num_heads / num_kv_heads), as transformers' repeat_kv.
+ * One work item = one (token, kv head): its group of query heads shares every K/V row it loads. */
+void lmf_paged_attention_f32(const float* q, const float* k_cache, const float* v_cache,
+                             const int64_t* block_tables, const int64_t* query_starts, const int64_t* query_lens,
+                             const int64_t* seq_lens, int64_t num_seqs, int64_t max_blocks, int64_t num_tokens,
+                             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                             float scale, float* out, int num_threads) {
+  const int64_t group = num_heads / num_kv_heads;
+  /* The rows of q this call owns: the caller may pass only some sequences (the short ones) and let
+   * another path fill the other rows of `out`. */
+  int64_t num_rows = 0, max_ctx = 1;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    num_rows += query_lens[s];
+    if (seq_lens[s] > max_ctx) max_ctx = seq_lens[s];
+  }
+  int64_t* tok_row = (int64_t*)malloc(sizeof(int64_t) * (size_t)(num_rows + 1));
+  int64_t* tok_seq = (int64_t*)malloc(sizeof(int64_t) * (size_t)(num_rows + 1));
+  int64_t* tok_pos = (int64_t*)malloc(sizeof(int64_t) * (size_t)(num_rows + 1));
+  int64_t n = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    for (int64_t j = 0; j < query_lens[s]; ++j, ++n) {
+      tok_row[n] = query_starts[s] + j;
+      tok_seq[n] = s;
+      tok_pos[n] = seq_lens[s] - query_lens[s] + j;
+    }
+  }
+  (void)num_tokens;
+  const int64_t num_items = num_rows * num_kv_heads;
+#pragma omp parallel num_threads(num_threads)
+  {
+    float* scores = (float*)malloc(sizeof(float) * (size_t)(max_ctx * group));  /* (group, ctx) */
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t item = 0; item < num_items; ++item) {
+      const int64_t r = item / num_kv_heads, kvh = item % num_kv_heads, t = tok_row[r];
+      const int64_t ctx = tok_pos[r] + 1;  /* causal: keys 0 .. own position */
+      const int64_t* table = block_tables + tok_seq[r] * max_blocks;
+      const float* qg = q + (t * num_heads + kvh * group) * head_dim;  /* (group, head_dim) */
+      float* og = out + (t * num_heads + kvh * group) * head_dim;
+      for (int64_t p = 0; p < ctx; ++p) {
+        const int64_t slot = table[p / block_size] * block_size + p % block_size;
+        const float* krow = k_cache + (slot * num_kv_heads + kvh) * head_dim;
+        for (int64_t g = 0; g < group; ++g) scores[g * ctx + p] = dot_f32(qg + g * head_dim, krow, head_dim) * scale;
+      }
+      for (int64_t g = 0; g < group; ++g) {  /* softmax, max-subtracted as every fp32 implementation */
+        float* sg = scores + g * ctx;
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t p = 0; p < ctx; ++p) m = sg[p] > m ? sg[p] : m;
+        for (int64_t p = 0; p < ctx; ++p) { sg[p] = expf(sg[p] - m); sum += sg[p]; }
+        const float inv = 1.f / sum;
+        for (int64_t p = 0; p < ctx; ++p) sg[p] *= inv;
+      }
+      memset(og, 0, sizeof(float) * (size_t)(group * head_dim));
+      for (int64_t p = 0; p < ctx; ++p) {
+        const int64_t slot = table[p / block_size] * block_size + p % block_size;
+        const float* vrow = v_cache + (slot * num_kv_heads + kvh) * head_dim;
+        for (int64_t g = 0; g < group; ++g) axpy_f32(og + g * head_dim, scores[g * ctx + p], vrow, head_dim);
+      }
+    }
+    free(scores);
+  }
+  free(tok_row);
+  free(tok_seq);
+  free(tok_pos);
+}
+
+/* out (m, n) = x (m, k) @ w (n, k)^T [+ bias (n)], for small m (decode of one or a few sequences).
+ * Each weight row is read from memory once and used for all m rows of x. */
+void lmf_linear_small_m_f32(const float* x, const float* w, const float* bias, float* out, int64_t m, int64_t n,
+                            int64_t k, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    const float* wrow = w + j * k;
+    const float b = bias ? bias[j] : 0.f;
+    for (int64_t i = 0; i < m; ++i) out[i * n + j] = dot_f32(x + i * k, wrow, k) + b;
+  }
+}

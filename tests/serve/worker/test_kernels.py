@@ -1,0 +1,108 @@
+"""The C kernels against torch references, and the fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serve.worker import kernels
+from serve.worker.attention import AttentionMetadata, paged_attention
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine: the engine runs on torch ops (tested elsewhere)")
+    k = kernels.load()
+    assert k is not None, kernels.status().reason  # a compiler is here: a failed build is a bug
+    return k
+
+
+def _reference(q, k_cache, v_cache, tables, starts, qlens, slens, bs, scale):
+    out = torch.empty_like(q)
+    for table, start, qlen, slen in zip(tables, starts, qlens, slens):
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(slen)])
+        k, v = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)  # (kv_heads, slen, head_dim)
+        qi = q[start:start + qlen].transpose(0, 1).double()  # (heads, qlen, head_dim), float64 reference
+        mask = torch.arange(slen)[None, :] <= torch.arange(slen - qlen, slen)[:, None]  # (qlen, slen)
+        o = F.scaled_dot_product_attention(qi, k.double(), v.double(), attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:start + qlen] = o.transpose(0, 1).float()
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (6, 1, 40)])
+def test_paged_attention_matches_float64_reference(cpu_kernels, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * 100 + head_dim)
+    bs, num_blocks = 4, 64
+    k_cache = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=gen)
+    qlens, slens = [1, 5, 12, 1, 3], [37, 16, 12, 1, 30]  # decode, verify, whole prompt, first token, chunk
+    perm = torch.randperm(num_blocks, generator=gen).tolist()  # scattered blocks: tables matter
+    tables, used = [], 0
+    for slen in slens:
+        n = -(-slen // bs)
+        tables.append(perm[used:used + n])
+        used += n
+    starts = [sum(qlens[:i]) for i in range(len(qlens))]
+    q = torch.randn(sum(qlens), heads, head_dim, generator=gen)
+    scale = head_dim ** -0.5
+    ref = _reference(q, k_cache, v_cache, tables, starts, qlens, slens, bs, scale)
+    meta = AttentionMetadata.build(qlens, slens, tables, bs, torch.device("cpu"))
+    got = paged_attention(q, k_cache, v_cache, meta, scale, cpu_kernels)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    # The torch path (gather + SDPA) agrees too.
+    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, meta, scale, None), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_kernel_writes_only_the_given_sequences(cpu_kernels):
+    q = torch.randn(3, 2, 8)
+    cache = torch.randn(8, 2, 8)
+    out = torch.full_like(q, 7.0)
+    cpu_kernels.paged_attention(q, cache, cache, torch.tensor([[0]]), torch.tensor([1]), torch.tensor([1]),
+                                torch.tensor([3]), 4, 0.5, out=out)
+    assert torch.equal(out[0], torch.full_like(out[0], 7.0)) and torch.equal(out[2], out[0])
+    assert not torch.equal(out[1], torch.full_like(out[1], 7.0))
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_small_m_matches_f_linear(cpu_kernels, m, with_bias):
+    gen = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 203, generator=gen), torch.randn(77, 203, generator=gen)  # odd sizes: the tails
+    b = torch.randn(77, generator=gen) if with_bias else None
+    ref = F.linear(x.double(), w.double(), b.double() if b is not None else None).float()
+    torch.testing.assert_close(cpu_kernels.linear_small_m(x, w, b), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_kernels_refuse_what_they_cannot_take(cpu_kernels):
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_kernels.linear_small_m(torch.randn(1, 4, dtype=torch.float64), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.linear_small_m(torch.randn(4, 2).t(), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_kernels.linear_small_m(torch.randn(1, 4), torch.randn(3, 5))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
+    lib, status = kernels._load()
+    assert lib is None and not status.available and "LMFORGE_CPU_KERNELS=0" in status.reason
+
+
+def test_no_compiler_falls_back(monkeypatch):
+    monkeypatch.delenv("LMFORGE_CPU_KERNELS", raising=False)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    lib, status = kernels._load()
+    assert lib is None and "build failed" in status.reason
+
+
+def test_build_is_cached_and_keyed(cpu_kernels, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    first = kernels._build(compiler)
+    mtime = first.stat().st_mtime_ns
+    assert kernels._build(compiler) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
