@@ -69,7 +69,7 @@ static inline void axpy_f32(float* out, float w, const float* v, int64_t n) {
  *                 query_starts[i] .. + query_lens[i] of q, at positions seq_lens[i] - query_lens[i] ..
  *   out:          (num_tokens, num_heads, head_dim); only the rows of the given sequences are written
  * Query head h reads kv head h / (num_heads / num_kv_heads), as transformers' repeat_kv.
- * One work item = one (token, kv head): its group of query heads shares every K/V row it loads. */
+ * The group of query heads of a kv head shares every K/V row it loads. */
 void lmf_paged_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                              const int64_t* block_tables, const int64_t* query_starts, const int64_t* query_lens,
                              const int64_t* seq_lens, int64_t num_seqs, int64_t max_blocks, int64_t num_tokens,
@@ -95,35 +95,52 @@ void lmf_paged_attention_f32(const float* q, const float* k_cache, const float* 
     }
   }
   (void)num_tokens;
-  const int64_t num_items = num_rows * num_kv_heads;
+  /* A work item is (row, run of kv heads). With many rows each item takes every kv head, so it streams whole
+   * cache rows (position p of a block holds all kv heads contiguously: block_size * kv_heads * head_dim floats
+   * in one run) and the prefetcher sees one sequential read per block. With few rows (single-stream decode)
+   * items split by kv head so every thread has work. */
+  const int64_t heads_per_item = num_rows >= 2 * (int64_t)num_threads ? num_kv_heads : 1;
+  const int64_t items_per_row = num_kv_heads / heads_per_item;
+  const int64_t num_items = num_rows * items_per_row;
+  const int64_t row_stride = num_kv_heads * head_dim;  /* floats between consecutive slots */
 #pragma omp parallel num_threads(num_threads)
   {
-    float* scores = (float*)malloc(sizeof(float) * (size_t)(max_ctx * group));  /* (group, ctx) */
-#pragma omp for schedule(dynamic, 4)
+    /* scores: (heads_per_item * group, ctx), one row per query head of the item */
+    float* scores = (float*)malloc(sizeof(float) * (size_t)(max_ctx * group * heads_per_item));
+#pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_items; ++item) {
-      const int64_t r = item / num_kv_heads, kvh = item % num_kv_heads, t = tok_row[r];
+      const int64_t r = item / items_per_row, kvh0 = (item % items_per_row) * heads_per_item, t = tok_row[r];
       const int64_t ctx = tok_pos[r] + 1;  /* causal: keys 0 .. own position */
       const int64_t* table = block_tables + tok_seq[r] * max_blocks;
-      const float* qg = q + (t * num_heads + kvh * group) * head_dim;  /* (group, head_dim) */
-      float* og = out + (t * num_heads + kvh * group) * head_dim;
-      for (int64_t p = 0; p < ctx; ++p) {
-        const int64_t slot = table[p / block_size] * block_size + p % block_size;
-        const float* krow = k_cache + (slot * num_kv_heads + kvh) * head_dim;
-        for (int64_t g = 0; g < group; ++g) scores[g * ctx + p] = dot_f32(qg + g * head_dim, krow, head_dim) * scale;
+      const int64_t num_q = heads_per_item * group;  /* query heads kvh0 * group .. + num_q, contiguous in q */
+      const float* qh = q + (t * num_heads + kvh0 * group) * head_dim;  /* (num_q, head_dim) */
+      float* oh = out + (t * num_heads + kvh0 * group) * head_dim;
+      for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
+        const float* kblock = k_cache + table[p0 / block_size] * block_size * row_stride;
+        const int64_t n = ctx - p0 < block_size ? ctx - p0 : block_size;
+        for (int64_t i = 0; i < n; ++i) {
+          const float* krow = kblock + i * row_stride + kvh0 * head_dim;  /* (heads_per_item, head_dim) */
+          for (int64_t h = 0; h < num_q; ++h)
+            scores[h * ctx + p0 + i] = dot_f32(qh + h * head_dim, krow + (h / group) * head_dim, head_dim) * scale;
+        }
       }
-      for (int64_t g = 0; g < group; ++g) {  /* softmax, max-subtracted as every fp32 implementation */
-        float* sg = scores + g * ctx;
+      for (int64_t h = 0; h < num_q; ++h) {  /* softmax, max-subtracted as every fp32 implementation */
+        float* sh = scores + h * ctx;
         float m = -INFINITY, sum = 0.f;
-        for (int64_t p = 0; p < ctx; ++p) m = sg[p] > m ? sg[p] : m;
-        for (int64_t p = 0; p < ctx; ++p) { sg[p] = expf(sg[p] - m); sum += sg[p]; }
+        for (int64_t p = 0; p < ctx; ++p) m = sh[p] > m ? sh[p] : m;
+        for (int64_t p = 0; p < ctx; ++p) { sh[p] = expf(sh[p] - m); sum += sh[p]; }
         const float inv = 1.f / sum;
-        for (int64_t p = 0; p < ctx; ++p) sg[p] *= inv;
+        for (int64_t p = 0; p < ctx; ++p) sh[p] *= inv;
       }
-      memset(og, 0, sizeof(float) * (size_t)(group * head_dim));
-      for (int64_t p = 0; p < ctx; ++p) {
-        const int64_t slot = table[p / block_size] * block_size + p % block_size;
-        const float* vrow = v_cache + (slot * num_kv_heads + kvh) * head_dim;
-        for (int64_t g = 0; g < group; ++g) axpy_f32(og + g * head_dim, scores[g * ctx + p], vrow, head_dim);
+      memset(oh, 0, sizeof(float) * (size_t)(num_q * head_dim));
+      for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
+        const float* vblock = v_cache + table[p0 / block_size] * block_size * row_stride;
+        const int64_t n = ctx - p0 < block_size ? ctx - p0 : block_size;
+        for (int64_t i = 0; i < n; ++i) {
+          const float* vrow = vblock + i * row_stride + kvh0 * head_dim;
+          for (int64_t h = 0; h < num_q; ++h)
+            axpy_f32(oh + h * head_dim, scores[h * ctx + p0 + i], vrow + (h / group) * head_dim, head_dim);
+        }
       }
     }
     free(scores);
