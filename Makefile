@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev protos clean
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 2; }
@@ -28,6 +28,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Regenerate serve/api/_gen from protos/ after editing a .proto (the generated code is committed).
+protos: $(VENV)/.installed-dev
+	$(PY) -m serve.api.protogen
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,3 +1,5 @@
-"""Subcommands of the serve package (none yet: the engine and server arrive with issues 3 and 4)."""
+"""Subcommands of the serve package, in the order `lmforge --help` lists them."""
 
-COMMANDS: list[str] = []
+COMMANDS: list[str] = [
+    "serve.launch:add_command",
+]

@@ -1,0 +1,138 @@
+"""NativeBackend: the Backend Protocol over lmforge's own engine (serve/engine/async_engine.py).
+
+The engine runs in its own thread (AsyncEngine); this class only translates. It keeps its own
+tokenizer instance for tokenize / chat / detokenize on the server's event loop, so the engine thread's
+tokenizer is never used from two threads at once. Prompts reach the engine as token ids, so the ids a
+client is told about (Tokenize, prompt logprobs) are the ids that ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo
+from serve.scoring import LoglikelihoodQuery, Scorer, ScoreResult, ScoreText
+from serve.types import EngineStats, InvalidRequestError, Logprobs, RequestOutput, SamplingParams, TokenLogprob
+
+
+class NativeBackend:
+    name = "native"
+
+    def __init__(self, config: Any) -> None:
+        """`config` is a serve.engine.llm_engine.EngineConfig (imported lazily: the API layers import this
+        module without torch)."""
+        self.config = config
+        self.llm_engine: Any = None  # the LLMEngine, once started (tests read its KV usage)
+        self._async: Any = None
+        self._tokenizer: Any = None
+        self._scorer: Scorer | None = None
+        self._token_texts: dict[int, str] = {}
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        from serve.engine.async_engine import AsyncEngine
+        from serve.engine.llm_engine import LLMEngine
+
+        self.llm_engine = await asyncio.to_thread(LLMEngine, self.config)
+        self._tokenizer = await asyncio.to_thread(self.llm_engine.checkpoint.load_tokenizer)
+        self._async = AsyncEngine(self.llm_engine)
+        eos = sorted(self.llm_engine.eos_token_ids)
+        # lm-eval scores a text's first token after the end-of-text token (its `prefix_token_id`).
+        prefix = self._tokenizer.eos_token_id if self._tokenizer.eos_token_id is not None else eos[0]
+        self._scorer = Scorer(self.generate, self.tokenize, prefix_token_id=prefix,
+                              vocab_size=self.llm_engine.runner.vocab_size,
+                              max_model_len=self.llm_engine.max_model_len)
+
+    async def shutdown(self) -> None:
+        if self._async is not None:
+            await asyncio.to_thread(self._async.shutdown)
+
+    # ------------------------------------------------------------------------------ requests
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        stream = self._async.generate(request_id, list(prompt_token_ids), params, priority=priority)
+        # aclosing: leaving this generator early must close the engine's at once (that aborts the request).
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                yield self._with_token_texts(out)
+
+    async def score(self, request_id: str, loglikelihood: Sequence[LoglikelihoodQuery],
+                    rolling: Sequence[ScoreText], *, priority: int = 0) -> ScoreResult:
+        return await self._scorer.score(request_id, loglikelihood, rolling, priority=priority)
+
+    def abort(self, request_id: str) -> None:
+        self._async.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._async.stats()
+
+    # ------------------------------------------------------------------------------ tokenizer
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))  # as LLMEngine.add_request
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise InvalidRequestError("chat", f"the served checkpoint ({Path(self.config.model).name}) has no chat "
+                                              "template (tokenizer_config.json 'chat_template'): send a text prompt")
+        try:
+            text = self._tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                       tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 - jinja raises what templates raise (e.g. "roles must alternate")
+            raise InvalidRequestError("chat", f"the chat template refused the conversation: {err}") from None
+        return self.tokenize(text)
+
+    def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        vocab_size = self.llm_engine.runner.vocab_size
+        bad = sorted({t for t in token_ids if not 0 <= t < vocab_size})
+        if bad:
+            raise InvalidRequestError("token_ids", f"{bad[:8]} are not in the vocabulary (0 <= id < {vocab_size})")
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------------------ model info
+    def model_info(self) -> ModelInfo:
+        engine, cfg = self.llm_engine, self.config
+        checkpoint = engine.checkpoint
+        architectures = checkpoint.config.get("architectures") or []
+        speculative = SpeculativeInfo()
+        if cfg.speculative_method:
+            speculative = SpeculativeInfo(method=cfg.speculative_method,
+                                          num_speculative_tokens=cfg.num_speculative_tokens,
+                                          draft_model=Path(cfg.draft_model).name if cfg.draft_model else None,
+                                          enabled_by_default=cfg.speculative_by_default)
+        return ModelInfo(
+            name=checkpoint.path.name, architecture=",".join(architectures),
+            model_type=str(checkpoint.config.get("model_type", "")), vocab_size=engine.runner.vocab_size,
+            max_model_len=engine.max_model_len, dtype=str(engine.runner.model.dtype).removeprefix("torch."),
+            has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
+            eos_token_ids=tuple(sorted(engine.eos_token_ids)), backend=self.name,
+            quantization=checkpoint.quantization, manifest=checkpoint.manifest, speculative=speculative)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _with_token_texts(self, out: RequestOutput) -> RequestOutput:
+        """The engine leaves TokenLogprob.text empty; clients want to see the alternatives."""
+        if out.prompt_logprobs is None and all(c.logprobs is None for c in out.outputs):
+            return out
+
+        def fill(position: Logprobs | None) -> Logprobs | None:
+            if position is None:
+                return None
+            return Logprobs(chosen=self._filled(position.chosen), top=tuple(self._filled(t) for t in position.top))
+
+        outputs = tuple(c if c.logprobs is None else dataclasses.replace(c, logprobs=tuple(map(fill, c.logprobs)))
+                        for c in out.outputs)
+        prompt_logprobs = None if out.prompt_logprobs is None else tuple(map(fill, out.prompt_logprobs))
+        return dataclasses.replace(out, outputs=outputs, prompt_logprobs=prompt_logprobs)
+
+    def _filled(self, entry: TokenLogprob) -> TokenLogprob:
+        return entry if entry.text is not None else dataclasses.replace(entry, text=self._token_text(entry.token_id))

@@ -1,0 +1,125 @@
+"""`lmforge serve`: serve a checkpoint over gRPC (lmforge.v1 + health + reflection) with the native engine.
+
+The flags are ServeConfig's fields. Secrets never go on the command line (where `ps` shows them): the
+bearer token comes from a file (`--auth-token-file`) or an environment variable (`--auth-token-env`).
+SIGTERM (or Ctrl-C) shuts down gracefully: health turns NOT_SERVING, new requests get UNAVAILABLE and
+in-flight ones have `--grace-s` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lifecycle.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = field(default=None, metadata={"help": "checkpoint directory to serve (required; `lmforge demo` prints one)"})
+    draft_model: str | None = field(default=None, metadata={"help": "draft checkpoint sharing the tokenizer: speculative decoding with it"})
+    ngram: bool = field(default=False, metadata={"help": "speculative decoding with n-gram prompt lookup (no draft model)"})
+    num_speculative_tokens: int = field(default=4, metadata={"help": "drafts verified per sequence and step"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
+    port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one (printed)"})
+    max_message_bytes: int = field(default=8 << 20, metadata={"help": "largest request or response"})
+    max_concurrent_requests: int = field(default=256, metadata={"help": "generate/score calls running at once"})
+    max_queue_length: int = field(default=1024, metadata={"help": "calls waiting beyond that; more get RESOURCE_EXHAUSTED"})
+    auth_token_file: str | None = field(default=None, metadata={"help": "file holding the bearer token clients must send"})
+    auth_token_env: str | None = field(default=None, metadata={"help": "environment variable holding the bearer token"})
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain (with --tls-key: TLS only)"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key"})
+    grace_s: float = field(default=30.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 (default: CUDA if available)"})
+    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)"})
+    kv_cache_memory_bytes: int | None = field(default=None, metadata={"help": "KV cache budget (default 1 GiB)"})
+    max_num_seqs: int = field(default=256, metadata={"help": "sequences the engine runs per step"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens the engine computes per step"})
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            raise ConfigError("--model: give the checkpoint directory to serve (e.g. the target `lmforge demo` prints)")
+        self.model = str(checked_checkpoint_dir(self.model, "--model"))
+        if self.draft_model is not None:
+            self.draft_model = str(checked_checkpoint_dir(self.draft_model, "--draft-model"))
+            if self.ngram:
+                raise ConfigError("--draft-model and --ngram: choose one speculative method")
+        if self.auth_token_file is not None and self.auth_token_env is not None:
+            raise ConfigError("--auth-token-file and --auth-token-env: give one source of the token")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def engine_config(self) -> Any:
+        from serve.engine.llm_engine import EngineConfig
+
+        method = "draft" if self.draft_model else "ngram" if self.ngram else None
+        return EngineConfig(model=self.model, device=self.device, dtype=self.dtype,
+                            kv_cache_memory_bytes=self.kv_cache_memory_bytes, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens, speculative_method=method,
+                            draft_model=self.draft_model, num_speculative_tokens=self.num_speculative_tokens)
+
+    def server_config(self) -> Any:
+        from serve.api.grpc_server import GrpcServerConfig
+
+        return GrpcServerConfig(host=self.host, port=self.port, max_message_bytes=self.max_message_bytes,
+                                max_concurrent_requests=self.max_concurrent_requests,
+                                max_queue_length=self.max_queue_length, auth_token=self.auth_token(),
+                                tls_cert_file=self.tls_cert, tls_key_file=self.tls_key, grace_s=self.grace_s)
+
+    def auth_token(self) -> str | None:
+        if self.auth_token_file is not None:
+            path = Path(self.auth_token_file)
+            if not path.is_file():
+                raise ConfigError(f"--auth-token-file: {path} is not a readable file")
+            token, source = path.read_text(encoding="utf-8").strip(), str(path)
+        elif self.auth_token_env is not None:
+            token, source = os.environ.get(self.auth_token_env, "").strip(), f"${self.auth_token_env}"
+        else:
+            return None
+        if not token:
+            raise ConfigError(f"--auth-token-{'file' if self.auth_token_file else 'env'}: {source} is empty or unset")
+        return token
+
+
+def checked_checkpoint_dir(path: str, flag: str) -> Path:
+    """A served path must be a checkpoint directory (config.json inside); the engine then verifies its hashes.
+    Resolved once here, so symlinks cannot point the running server elsewhere later."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_dir():
+        raise ConfigError(f"{flag}: {path} is not a directory")
+    if not (resolved / "config.json").is_file():
+        raise ConfigError(f"{flag}: {path} has no config.json, so it is not a checkpoint directory")
+    return resolved
+
+
+def add_command(sub: Any) -> None:
+    from lifecycle.cli import add_subcommand
+    from lifecycle.config import add_config_arguments
+
+    parser = add_subcommand(sub, "serve", help="serve a checkpoint over gRPC (generate, stream, chat, score)",
+                            description=__doc__,
+                            example="lmforge serve --model runs/small/final --port 50051 --ngram")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of these options (flags override it)")
+    add_config_arguments(parser, ServeConfig)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: Any) -> int:
+    from lifecycle.config import config_from_args
+    from serve.api.grpc_server import run_server
+    from serve.backends.native import NativeBackend
+
+    cfg = config_from_args(ServeConfig, args)
+    server_config = cfg.server_config()
+    if server_config.auth_token is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without --auth-token-file/--auth-token-env: anyone who can reach it may use it",
+                    cfg.host)
+    asyncio.run(run_server(NativeBackend(cfg.engine_config()), server_config,
+                           announce=lambda line: print(line, flush=True)))
+    return 0
