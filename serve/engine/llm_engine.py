@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from serve.engine.detokenizer import IncrementalDetokenizer
+from serve.engine.outputs import concat_completions, empty_output, merge_outputs
 from serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from serve.engine.sequence import Sequence, SequenceStatus
 from serve.engine.speculator import Speculator
@@ -198,7 +199,7 @@ class LLMEngine:
             for ro in self.step():
                 if ro.request_id in merged:
                     merged[ro.request_id].append(ro)
-        return [merge_outputs(merged[rid]) if merged[rid] else _empty_output(rid) for rid in ids]
+        return [merge_outputs(merged[rid]) if merged[rid] else empty_output(rid) for rid in ids]
 
     def stats(self) -> EngineStats:
         finished, self._finished_stats = self._finished_stats, []
@@ -281,7 +282,7 @@ class LLMEngine:
             deltas.append(self._append(seq, token_id, logprobs, now))
             if seq.is_finished:
                 break
-        return deltas[0] if len(deltas) == 1 else _concat_completions(deltas)
+        return deltas[0] if len(deltas) == 1 else concat_completions(deltas)
 
     def _append(self, seq: Sequence, token_id: int, logprobs: Logprobs | None, now: float) -> CompletionOutput:
         seq.token_ids.append(token_id)
@@ -348,35 +349,6 @@ class LLMEngine:
             queue_s=None if first.first_scheduled_s is None else first.first_scheduled_s - req.arrival_time_s,
             ttft_s=None if first.first_token_s is None else first.first_token_s - req.arrival_time_s,
             e2e_s=None if end is None else end - req.arrival_time_s)
-
-
-def _empty_output(request_id: str) -> RequestOutput:
-    """A request that ended (aborted) before producing anything."""
-    return RequestOutput(request_id=request_id, outputs=(), finished=True, num_prompt_tokens=0)
-
-
-def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
-    """Fold a request's streamed deltas into one RequestOutput holding each completion in full."""
-    last = deltas[-1]
-    by_index: dict[int, list[CompletionOutput]] = {}
-    for ro in deltas:
-        for c in ro.outputs:
-            by_index.setdefault(c.index, []).append(c)
-    outputs = [_concat_completions(by_index[index]) for index in sorted(by_index)]
-    prompt_logprobs = next((ro.prompt_logprobs for ro in deltas if ro.prompt_logprobs is not None), None)
-    return RequestOutput(request_id=last.request_id, outputs=tuple(outputs), finished=last.finished,
-                         num_prompt_tokens=last.num_prompt_tokens, num_cached_tokens=last.num_cached_tokens,
-                         prompt_logprobs=prompt_logprobs, queue_s=last.queue_s, ttft_s=last.ttft_s, e2e_s=last.e2e_s)
-
-
-def _concat_completions(parts: list[CompletionOutput]) -> CompletionOutput:
-    """Consecutive deltas of one completion as one delta."""
-    logprobs = None
-    if any(p.logprobs is not None for p in parts):
-        logprobs = tuple(lp for p in parts for lp in (p.logprobs or ()))
-    return CompletionOutput(index=parts[0].index, token_ids=tuple(t for p in parts for t in p.token_ids),
-                            text="".join(p.text for p in parts), logprobs=logprobs,
-                            finish_reason=parts[-1].finish_reason, stop_reason=parts[-1].stop_reason)
 
 
 def _eos_ids(path: Path, tokenizer) -> frozenset[int]:
