@@ -126,15 +126,17 @@ class LLMEngine:
                           arrival_time_s=time.monotonic() if arrival_time_s is None else arrival_time_s,
                           priority=priority, prompt_text=prompt_text)
         request = request.validated_for(self.runner.vocab_size, self.max_model_len)
+        params = request.params  # clipped to the context left
         seqs = []
-        for index in range(request.params.n):
+        for index in range(params.n):
             # n > 1: each completion is its own sequence; the prefix cache shares the prompt's full
             # blocks between them once the first has computed it.
             seq = Sequence(seq_id=f"{request_id}#{index}", request=request, index=index,
                            token_ids=list(request.prompt_token_ids), num_prompt_tokens=request.num_prompt_tokens)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                                      skip_special_tokens=params.skip_special_tokens,
-                                                     stop=params.stop)
+                                                     stop=params.stop, min_tokens=params.min_tokens,
+                                                     include_stop_str_in_output=params.include_stop_str_in_output)
             if params.seed is not None:
                 # n > 1 with a seed: completion i draws from seed + i (as vLLM), not n identical copies.
                 seq.generator = sampling.make_generator(params.seed_for_completion(index), self.runner.device)
@@ -299,7 +301,7 @@ class LLMEngine:
         stop_reason: str | int | None = None
         if seq.detokenizer.stopped:
             reason, stop_reason = FinishReason.STOP_STRING, seq.detokenizer.stop_string_hit
-        elif seq.num_output_tokens >= params.min_tokens and (
+        elif seq.num_output_tokens > params.min_tokens and (  # the sampler masks the first min_tokens too
                 token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)):
             reason, stop_reason = FinishReason.STOP, token_id
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
