@@ -13,6 +13,10 @@ token; the runner returns the target's logits at those 1 + k positions; the spec
 (lossless rejection sampling) and the emitted tokens go through the normal append path one by one, so
 a stop token, stop string or max_tokens in the middle ends the sequence there and the rest is dropped.
 The scheduler rolls back the rejected drafts' KV before the prefix cache can see them.
+
+Parallel sampling (`n > 1`, serve/engine/parallel_sampling.py): completion 0 computes the prompt; the
+others draw their first token from its last prompt row and fork its KV blocks (full blocks shared and
+ref-counted, the partial last block copied), then run as ordinary sequences.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from serve.engine.detokenizer import IncrementalDetokenizer
 from serve.engine.outputs import concat_completions, empty_output, merge_outputs
+from serve.engine.parallel_sampling import PromptSharing
 from serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from serve.engine.sequence import Sequence, SequenceStatus
 from serve.engine.speculator import Speculator
@@ -81,6 +86,7 @@ class EngineConfig:
                               f"got {self.speculative_max_budget_fraction}")
 
 
+Token = tuple[int, Logprobs | None]  # a sampled token id and its logprobs (None when not asked)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -106,6 +112,7 @@ class LLMEngine:
         self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
         self.speculator = (Speculator.from_engine_config(config, self.runner, self.tokenizer, self.max_model_len,
                                                          self.eos_token_ids) if config.speculative_method else None)
+        self.prompt_sharing = PromptSharing(self.scheduler, self.kv, self.runner.copy_block)
         self._seqs: dict[str, list[Sequence]] = {}  # request_id -> its n sequences
         self._sent_prompt_logprobs: set[str] = set()
         self._finished_stats: list[FinishedRequestStats] = []
@@ -129,8 +136,8 @@ class LLMEngine:
         params = request.params  # clipped to the context left
         seqs = []
         for index in range(params.n):
-            # n > 1: each completion is its own sequence; the prefix cache shares the prompt's full
-            # blocks between them once the first has computed it.
+            # n > 1: each completion is its own sequence; completion 0 computes the prompt and the others
+            # fork its KV blocks (PromptSharing).
             seq = Sequence(seq_id=f"{request_id}#{index}", request=request, index=index,
                            token_ids=list(request.prompt_token_ids), num_prompt_tokens=request.num_prompt_tokens)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
@@ -141,7 +148,7 @@ class LLMEngine:
                 # n > 1 with a seed: completion i draws from seed + i (as vLLM), not n identical copies.
                 seq.generator = sampling.make_generator(params.seed_for_completion(index), self.runner.device)
             seqs.append(seq)
-            self.scheduler.add(seq)
+        self.prompt_sharing.add(seqs)
         self._seqs[request_id] = seqs
         return request
 
@@ -150,6 +157,7 @@ class LLMEngine:
         seqs = self._seqs.pop(request_id, None)
         if seqs is None:
             return False
+        self.prompt_sharing.discard(seqs[0])
         for seq in seqs:
             if not seq.is_finished:
                 self._finish(seq, FinishReason.ABORT)
@@ -172,14 +180,18 @@ class LLMEngine:
         out = self.runner.execute(sched, tables, wants_prompt)
         for i, logits in out.prompt_logits.items():
             self._collect_prompt_logprobs(sched.scheduled[i], logits)
-        emitted = self._sample_and_verify(sched, out)
+        emitted, first_tokens = self._sample_and_verify(sched, out)
         now = time.monotonic()
         touched: dict[str, dict[int, CompletionOutput]] = {}
         for i, item in enumerate(sched.scheduled):  # before appending: drafts' KV rolls back to the accepted
             self.scheduler.on_step_done(item, emitted[i][1] if item.num_drafts else 0)
+        for i in first_tokens:  # n > 1: before the parent's token, whose finish would free the prompt's blocks
+            self.prompt_sharing.fork(sched.scheduled[i].seq)
         for i, (tokens, _) in emitted.items():
             seq = sched.scheduled[i].seq  # it computed its last token: these are new (also after recompute)
             touched.setdefault(seq.request.request_id, {})[seq.index] = self._append_tokens(seq, tokens, now)
+            for sibling, token in first_tokens.get(i, ()):
+                touched[seq.request.request_id][sibling.index] = self._append_tokens(sibling, [token], now)
         for item in sched.scheduled:  # prompt logprobs of long prompts arrive before any token
             seq = item.seq
             if seq.request.params.prompt_logprobs is not None and seq.request.request_id not in touched \
@@ -217,9 +229,10 @@ class LLMEngine:
 
     # ---------------------------------------------------------------------------- helpers
     def _sample_and_verify(self, sched: SchedulerOutput, out: ModelRunnerOutput,
-                           ) -> dict[int, tuple[list[tuple[int, Logprobs | None]], int]]:
-        """item index -> (tokens to append with their logprobs, accepted drafts). Items that computed
-        their last token without drafts sample one token; items with drafts go through verification."""
+                           ) -> tuple[dict[int, tuple[list[Token], int]], dict[int, list[tuple[Sequence, Token]]]]:
+        """item index -> (tokens to append with their logprobs, accepted drafts), and item index -> the
+        first token of each n > 1 sibling sampled from that item's row. Items that computed their last
+        token without drafts sample one token; items with drafts go through verification."""
         plain_items, plain_rows, spec_items, spec_rows = [], [], [], []
         row = 0
         for i, num_rows in zip(out.sample_indices, out.num_sample_rows or [1] * len(out.sample_indices)):
@@ -231,19 +244,28 @@ class LLMEngine:
                 plain_rows.append(row)
             row += num_rows
         logits = out.sample_logits  # (rows, V)
-        plain = logits if not spec_items else logits[plain_rows]  # (num_plain, V)
-        emitted = {i: ([token], 0) for i, token in self._sample(sched, plain_items, plain).items()}
+        # n > 1: a parent that completed its prompt lends its row to its waiting siblings' first tokens.
+        seqs = [sched.scheduled[i].seq for i in plain_items]
+        siblings = [(i, row, sibling) for i, row in zip(plain_items, plain_rows)
+                    for sibling in self.prompt_sharing.first_token_siblings(sched.scheduled[i])]
+        rows = plain_rows + [row for _, row, _ in siblings]
+        seqs += [sibling for _, _, sibling in siblings]
+        plain = logits if rows == list(range(logits.shape[0])) else logits[rows]  # (num_plain + num_siblings, V)
+        tokens = self._sample(seqs, plain)
+        emitted = {i: ([token], 0) for i, token in zip(plain_items, tokens)}
+        first_tokens: dict[int, list[tuple[Sequence, Token]]] = {}
+        for (i, _, sibling), token in zip(siblings, tokens[len(plain_items):]):
+            first_tokens.setdefault(i, []).append((sibling, token))
         if spec_items:
             verified = self.speculator.verify([sched.scheduled[i] for i in spec_items], logits[spec_rows])
             for i, v in zip(spec_items, verified):
                 emitted[i] = (list(zip(v.token_ids, v.logprobs or [None] * len(v.token_ids))), v.num_accepted)
-        return dict(sorted(emitted.items()))  # scheduling order, as without speculation
+        return dict(sorted(emitted.items())), first_tokens  # scheduling order, as without speculation
 
-    def _sample(self, sched: SchedulerOutput, indices: list[int], logits: torch.Tensor,
-                ) -> dict[int, tuple[int, Logprobs | None]]:
-        if not indices:
-            return {}
-        seqs = [sched.scheduled[i].seq for i in indices]
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Token]:
+        """One token (and its logprobs, if asked) per sequence; logits (len(seqs), V), row j for seqs[j]."""
+        if not seqs:
+            return []
         meta = sampling.SamplingMetadata.from_params(
             [s.request.params for s in seqs], vocab_size=self.runner.vocab_size, device=logits.device,
             # Prompt ids only feed penalties; output ids also decide the min_tokens mask.
@@ -259,7 +281,7 @@ class LLMEngine:
             wanted = [s.request.params.logprobs or 0 for s in seqs]
             logprobs = [lp if s.request.params.logprobs is not None else None
                         for s, lp in zip(seqs, out.logprobs.to_logprobs(out.token_ids, wanted))]
-        return {i: (token_ids[j], logprobs[j]) for j, i in enumerate(indices)}
+        return list(zip(token_ids, logprobs))
 
     def _collect_prompt_logprobs(self, item, logits: torch.Tensor) -> None:
         """Row r of `logits` sits at position start + r and scores the prompt token at start + r + 1."""
@@ -275,7 +297,7 @@ class LLMEngine:
             lp = sampling.compute_logprobs(logits[:len(targets)], target_ids, max(num_top, 1))
             seq.prompt_logprobs.extend(lp.to_logprobs(target_ids, [num_top] * len(targets)))
 
-    def _append_tokens(self, seq: Sequence, tokens: list[tuple[int, Logprobs | None]], now: float,
+    def _append_tokens(self, seq: Sequence, tokens: list[Token], now: float,
                        ) -> CompletionOutput:
         """Append one step's tokens in order; a finish (stop token or string, max_tokens, context) in the
         middle ends the sequence there and the tokens after it are dropped."""
@@ -291,7 +313,8 @@ class LLMEngine:
         self.num_generation_tokens_total += 1
         if seq.first_token_s is None:
             seq.first_token_s = now
-            self.num_prompt_tokens_total += seq.num_prompt_tokens
+            if seq.index == 0:  # once per request: with n > 1 the prompt is computed once (vLLM counts so too)
+                self.num_prompt_tokens_total += seq.num_prompt_tokens
         else:
             seq.inter_token_s.append(now - seq.last_token_s)
         seq.last_token_s = now
