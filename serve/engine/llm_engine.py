@@ -124,7 +124,11 @@ class LLMEngine:
                     priority: int = 0, arrival_time_s: float | None = None) -> Request:
         if request_id in self._seqs:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        params = params or SamplingParams()
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", f"must be a SamplingParams, got {type(params).__name__}: build it "
+                                                f"with SamplingParams(**fields), which checks every field")
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
