@@ -183,3 +183,13 @@ def test_siblings_that_cannot_fork_recompute_their_prompt(trained_checkpoint, pr
     forks, unshared = engine.prompt_sharing.num_forks_total, engine.prompt_sharing.num_unshared_total
     assert (forks, unshared) == ((1, 2) if "max_num_seqs" in engine_kwargs else (0, 3))
     assert_pool_empty(engine)
+
+
+def test_completions_finishing_at_their_first_token_release_the_shared_prompt(trained_checkpoint, prompt_ids):
+    # The parent's finish frees its references right after the fork; the siblings' blocks must survive it.
+    engine = make_engine(trained_checkpoint)
+    computed = count_computed_tokens(engine)
+    out = engine.generate([prompt_ids[:30]], SamplingParams(n=4, max_tokens=1, seed=3))[0]
+    assert computed == [30] and out.finished and [len(c.token_ids) for c in out.outputs] == [1] * 4
+    assert all(c.finish_reason is FinishReason.LENGTH for c in out.outputs)
+    assert_pool_empty(engine)
