@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test install install-dev protos clean
+.PHONY: demo test install install-dev protos prometheus clean
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 2; }
@@ -26,8 +26,18 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/lmforge demo
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev prometheus
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# promtool (checks of deploy/prometheus) and prometheus (the scrape integration test), from Debian's `prometheus`
+# package. Idempotent. Where it cannot be installed (not root, no apt-get, no network) those tests skip and say why.
+prometheus:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's prometheus package (prometheus, promtool) for the deploy/ and metrics tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	    || echo "warning: installing prometheus failed: the tests that need promtool or prometheus will skip"; \
+	else echo "note: promtool/prometheus are missing and need root + apt-get to install: their tests will skip"; fi
 
 # Regenerate serve/api/_gen from protos/ after editing a .proto (the generated code is committed).
 protos: $(VENV)/.installed-dev
