@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.errors import ConfigError
+from serve.bench_peers.ort_genai_export import check_exportable, export
 from serve.bench_peers.runner_io import RunnerError, RunnerSpec, parse_result
 
 HERE = Path(__file__).resolve().parent
@@ -78,31 +80,46 @@ def run_runner(peer: Peer, python: Path, spec: RunnerSpec, timeout_s: float) -> 
     except subprocess.TimeoutExpired:
         raise RunnerError(f"{peer.name} {spec.workload}: no result within {timeout_s:.0f} s") from None
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
-        raise RunnerError(f"{peer.name} {spec.workload}: runner exited with {proc.returncode}:\n{tail}")
+        raise RunnerError(f"{peer.name} {spec.workload}: runner exited with {proc.returncode}: "
+                          f"{root_cause(proc.stdout + chr(10) + proc.stderr)}\n"
+                          + "\n".join(proc.stderr.strip().splitlines()[-6:]))
     return parse_result(proc.stdout, spec.workload)
+
+
+def root_cause(log: str, limit: int = 3) -> str:
+    """The first distinct exception messages in a runner's log, oldest first.
+
+    vLLM's worker logs the real error (`RuntimeError: Unsupported CPU attention configuration: head_dim=16`) on
+    stdout, and its front end then raises a generic `EngineDeadError` whose traceback ends stderr.
+    """
+    found = dict.fromkeys(m.group(0).strip() for m in _EXCEPTION_LINE.finditer(log))
+    return "; ".join(list(found)[:limit]) or "no exception message in its log"
+
+
+_EXCEPTION_LINE = re.compile(r"\b[A-Z]\w*(?:Error|Exception): .*$", re.MULTILINE)
 
 
 def run_peer(name: str, workload: str, checkpoint: Path, prompts: list[list[int]], output_len: int, *,
              python: Path, cache_dir: Path, options: dict[str, Any], timeout_s: float = 1800) -> dict[str, Any]:
     """One peer on one workload: the runner's result, or {"skipped": why} / {"failed": why}."""
     peer = SUBPROCESS_PEERS[name]
+    try:
+        if peer.precision:  # the checkpoint's own problem comes first: it holds with or without the environment
+            check_exportable(checkpoint)
+    except ConfigError as err:  # refused on purpose: the builder's LM-head hazard
+        print(f"[bench] {name} {workload} refused: {err}", file=sys.stderr, flush=True)
+        return {"skipped": f"refused: {err}"}
     why = peer_missing(peer, python)
     if why:
         return {"skipped": why}
-    model = checkpoint
     try:
+        model = checkpoint
         if peer.precision:
-            from serve.bench_peers.ort_genai_export import export
-
             print(f"[bench] {name}: exporting {checkpoint} ({peer.precision}) with the model builder", flush=True)
             model = export(checkpoint, cache_dir / "bench" / "ort-genai", python, peer.precision)
         spec = RunnerSpec(workload=workload, model=str(model), prompts=prompts, output_len=output_len,
                           options=options)
         return run_runner(peer, python, spec, timeout_s)
-    except ConfigError as err:  # refused on purpose, e.g. the builder's LM-head hazard
-        print(f"[bench] {name} {workload} refused: {err}", file=sys.stderr, flush=True)
-        return {"skipped": f"refused: {err}"}
     except Exception as err:  # noqa: BLE001 - a peer failing is a result to report, not a reason to stop
         print(f"[bench] {name} {workload} failed: {err}", file=sys.stderr, flush=True)
         return {"failed": f"{type(err).__name__}: {err}"}
