@@ -300,37 +300,48 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2))
+    atomic_write_text(out.with_suffix(".md"), peers_markdown(report))
     if cfg.plot:
         _plot(report, out.with_suffix(".png"))
     _print(report)
     return report
 
 
-def _print(report: dict[str, Any]) -> None:
+def peers_markdown(report: dict[str, Any]) -> str:
+    """W1/W2 as a markdown table, one row per engine: skipped and failed peers say why in the row."""
     res = report["results"]
-    print(f"\nfp32 matmul {report['machine']['fp32_matmul_gflops']:.0f} GFLOP/s, "
-          f"{report['flops_per_token'] / 1e6:.0f} MFLOP/token")
-    for workload in SPEED_KEYS:
+    lines = ["| workload | engine | tokens/s | roofline | TTFT ms | ITL p50 ms | native / engine | greedy agreement |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for workload, key in SPEED_KEYS.items():
         rows = res.get(workload, {})
         for backend, r in rows.items():
             if not isinstance(r, dict):
                 continue
-            head = f"{workload.upper()} {backend:<15}"
             if "skipped" in r or "failed" in r:
-                print(f"{head} {r.get('skipped') or 'failed: ' + r['failed'].splitlines()[0]}")
+                why = r.get("skipped") or "failed: " + r["failed"].splitlines()[0]
+                lines.append(f"| {workload.upper()} | {backend} | {why.replace('|', '/')} | | | | | |")
                 continue
-            if workload == "w1":
-                line = f"{head} {r['output_tokens_per_s']:8.1f} out tok/s  roofline {r['roofline_fraction']:.1%}"
-            else:
-                line = (f"{head} TTFT {r['ttft_ms']:7.1f} ms  ITL p50 {r['itl_median_ms']:6.2f} ms "
-                        f"({r['decode_tokens_per_s']:.1f} tok/s)")
-            if f"native_over_{backend}" in rows:
-                line += f"  native/{backend} {rows[f'native_over_{backend}']:.2f}x"
-            if "greedy_agreement" in r:
-                agree = r["greedy_agreement"]
-                line += (f"  greedy agreement: {agree['identical_fraction']:.0%} identical, "
-                         f"{agree['prefix_fraction']:.1%} of tokens before the first difference")
-            print(line)
+            ratio = rows.get(f"native_over_{backend}")
+            agree = r.get("greedy_agreement")
+            lines.append(
+                f"| {workload.upper()} | {backend} | {_num(r[key], '.1f')} | {_num(r.get('roofline_fraction'), '.1%')} | "
+                + (f"{_num(r['ttft_ms'], '.1f')} | {_num(r['itl_median_ms'], '.2f')}" if workload == "w2" else " | ")
+                + f" | {f'{ratio:.2f}x' if ratio else ''} | "
+                + (f"{agree['identical_fraction']:.0%} identical, {agree['prefix_fraction']:.1%} of tokens "
+                   "before the first difference" if agree else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _print(report: dict[str, Any]) -> None:
+    res = report["results"]
+    print(f"\nfp32 matmul {report['machine']['fp32_matmul_gflops']:.0f} GFLOP/s, "
+          f"{report['flops_per_token'] / 1e6:.0f} MFLOP/token")
+    if any(w in res for w in SPEED_KEYS):
+        print(peers_markdown(report))
     w3 = res.get("w3", {}).get("native", {})
     if "speedup" in w3:
         print(f"W3 native        speculative {w3['speculative']['tokens_per_s']:.1f} vs plain "

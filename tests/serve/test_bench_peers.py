@@ -194,7 +194,8 @@ def test_bench_engine_reports_missing_peers_and_keeps_going(tmp_path, trained_ch
     assert res["w1"]["native"]["output_tokens"] == 6 and "make peers" in res["w1"]["vllm"]["skipped"]
     assert "make peers" in res["w2"]["vllm"]["skipped"] and "make peers" in res["w2"]["ort-genai"]["skipped"]
     assert "ort-genai" not in res["w1"]  # single stream only
-    assert "skipped: run `make peers`" in capsys.readouterr().out
+    assert "| W2 | ort-genai | skipped: run `make peers`" in capsys.readouterr().out
+    assert "| W1 | vllm | skipped: run `make peers`" in (tmp_path / "engine.md").read_text()
 
 
 # --------------------------------------------------------------------- real peers (need `make peers`)
