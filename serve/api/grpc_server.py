@@ -172,8 +172,12 @@ async def run_server(backend: Backend, config: GrpcServerConfig, *, announce: Ca
     announce(f"listening on {config.host}:{port} (gRPC, {scheme}{auth}); loading the model")
     front = HttpFrontends(backend, server.admission, http, metrics) if http is not None else None
     try:
-        for line in await front.start() if front is not None else ():
-            announce(line)
+        try:
+            for line in await front.start() if front is not None else ():
+                announce(line)
+        except BaseException:  # an HTTP port is taken: stop listening on the gRPC one too
+            await server.shutdown(grace_s=0)
+            raise
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,8 +17,8 @@ from serve.types import EngineStats
 
 class ObservedEngine(LLMEngine):
     def __init__(self, config: EngineConfig, publish: Callable[[EngineStats], None]) -> None:
+        self._publish = publish  # first: stats() must work from the moment the engine exists
         super().__init__(config)
-        self._publish = publish
 
     def stats(self) -> EngineStats:
         snapshot = super().stats()

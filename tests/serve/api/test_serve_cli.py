@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -74,3 +75,12 @@ def test_bad_flags_are_refused_naming_them(trained_checkpoint, tmp_path, capsys,
     argv = ["serve", *(f.format(ckpt=trained_checkpoint, missing=tmp_path / "missing") for f in flags)]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_busy_http_port_is_refused_naming_it(trained_checkpoint, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(trained_checkpoint), "--port", "0", "--http-port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
