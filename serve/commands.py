@@ -2,4 +2,5 @@
 
 COMMANDS: list[str] = [
     "serve.launch:add_command",
+    "serve.evaluation.cli:add_command",
 ]

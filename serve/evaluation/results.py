@@ -39,7 +39,7 @@ _ANSWER_OF = {LoglikelihoodRequest: LoglikelihoodAnswer, RollingRequest: Rolling
 
 
 def answer_to_json(answer: Answer) -> dict[str, Any]:
-    return asdict(answer)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(answer).items()}
 
 
 def answer_from_json(item: EvalItem, data: dict[str, Any]) -> Answer:
