@@ -45,6 +45,6 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="package")
 def eval_server(trained_checkpoint, data_root):
     server = BackgroundServer(NativeBackend(engine_config(trained_checkpoint)),
-                              GrpcServerConfig(port=0))
+                              GrpcServerConfig(port=0, data_root=str(data_root)))
     yield server
     server.stop()
