@@ -1,7 +1,7 @@
 """DataRoot: where a task's relative data paths point, and — on the server — the fence around them.
 
-`lmforge eval` (the user's own machine) resolves a relative path against `--data-root`, else the task
-file's folder; absolute paths are the user's business. The server (`lmforge serve --data-root DIR`)
+`lmforge eval` (the user's own machine) resolves a relative path against `--data-root`, then the task
+file's folder (the first that has it); absolute paths are the user's business. The server (`lmforge serve --data-root DIR`)
 confines every path a client names to DIR: an absolute path or a `..` component is INVALID_ARGUMENT, and a
 path that leaves DIR through a symlink is PERMISSION_DENIED (checked on the fully resolved path, so no
 link inside DIR can reach outside it). Globs (`eval/mmlu/test/*.csv`) expand inside the root and every
@@ -37,19 +37,21 @@ class DataRoot:
         if self.confined:
             return self._confined(pattern, what)
         path = Path(pattern).expanduser()
-        if not path.is_absolute():
-            base = self.root or self.fallback or Path.cwd()
-            path = base / path
-        if GLOB_CHARS & set(pattern):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-            if not matches:
-                raise LmforgeError(f"{what}: {pattern} matches no file under {path.parent}"
-                                   + ("" if self.root else " (give --data-root?)"))
-            return matches
-        if not path.is_file():
-            hint = "" if self.root else " (relative data paths need --data-root, e.g. ../shared/data)"
-            raise LmforgeError(f"{what}: {path} is not a file{hint}")
-        return [path]
+        if path.is_absolute():
+            bases = [path.parent]
+        else:  # the data root first, then the task file's folder: shipped tasks and one's own files both work
+            bases = [b for b in (self.root, self.fallback) if b is not None] or [Path.cwd()]
+        for base in bases:
+            candidate = base / path
+            if GLOB_CHARS & set(pattern):
+                matches = sorted(Path(p) for p in glob.glob(str(candidate), recursive=True))
+                if matches:
+                    return matches
+            elif candidate.is_file():
+                return [candidate]
+        tried = " or ".join(str(b / path) for b in bases)
+        hint = "" if self.root else " (relative data paths start at --data-root, e.g. ../shared/data)"
+        raise LmforgeError(f"{what}: {pattern} matches no file (looked for {tried}){hint}")
 
     def _confined(self, pattern: str, what: str) -> list[Path]:
         if self.root is None:  # a server without --data-root opens no file at all

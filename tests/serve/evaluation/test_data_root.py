@@ -52,5 +52,7 @@ def test_local_mode_uses_root_then_fallback(root, tmp_path):
     assert DataRoot(root).resolve("eval/a.jsonl", "data") == [root / "eval" / "a.jsonl"]
     assert DataRoot(None, fallback=root / "eval").resolve("b.jsonl", "data") == [root / "eval" / "b.jsonl"]
     assert DataRoot(root).resolve(str(tmp_path / "secret.txt"), "data") == [tmp_path / "secret.txt"]
+    # With a data root, a task's own files beside it are still found (the root is tried first).
+    assert DataRoot(root, fallback=tmp_path).resolve("secret.txt", "data") == [tmp_path / "secret.txt"]
     with pytest.raises(LmforgeError, match="--data-root"):
         DataRoot(None, fallback=tmp_path).resolve("eval/a.jsonl", "data")
