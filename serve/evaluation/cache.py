@@ -25,7 +25,11 @@ from serve.evaluation.task import TaskSpec, spec_fingerprint
 
 
 def run_key(spec: TaskSpec, target_description: dict[str, Any]) -> str:
-    identity = {k: target_description.get(k) for k in ("target", "model", "manifest_sha256", "api")}
+    """The model is its checkpoint manifest's hash when the server reports one (so a restarted server on
+    another port still matches), else its name at that address."""
+    identity = {k: target_description.get(k) for k in ("model", "manifest_sha256", "api")}
+    if identity["manifest_sha256"] is None:
+        identity["target"] = target_description.get("target")
     payload = json.dumps({"task": spec_fingerprint(spec), "model": identity}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

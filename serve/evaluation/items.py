@@ -77,12 +77,15 @@ _ENV: Any = None
 
 
 def _env() -> Any:
-    """Jinja2 as lm-evaluation-harness sets it up (lm_eval/utils.py), so the same template renders the same."""
+    """Jinja2 as lm-evaluation-harness sets it up (lm_eval/utils.py: StrictUndefined, trailing newline kept,
+    `regex_replace`), so the same template renders the same; but sandboxed, because the server renders
+    templates its clients send (no attribute access to Python internals, bounded `range`)."""
     global _ENV
     if _ENV is None:
-        from jinja2 import BaseLoader, Environment, StrictUndefined
+        from jinja2 import BaseLoader, StrictUndefined
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        _ENV = Environment(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
+        _ENV = ImmutableSandboxedEnvironment(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
         _ENV.filters["regex_replace"] = _regex_replace
     return _ENV
 

@@ -102,6 +102,8 @@ def test_a_server_without_data_root_opens_no_file(server):
     (dict(task_spec=MC_TASK, items=[ITEMS[0], {"question": "q", "gold": 0}]), "items:2: no column 'choices'"),
     (dict(task_spec="name: x\nkind: sorting\ndata: d\n", items=ITEMS), "task_spec:2: kind"),
     (dict(task_spec=MC_TASK, items=ITEMS, max_concurrency=0), "max_concurrency"),
+    (dict(task_spec=MC_TASK.replace("{{question}}", "{{ question.__class__.__mro__ }}"), items=ITEMS),
+     "SecurityError"),  # templates from clients are sandboxed
     (dict(task_spec=MC_TASK, items=ITEMS, limit=0), "limit"),
     (dict(task_spec=MC_TASK, items=[ITEMS[0], {"question": "q", "choices": ["a", "the value " * 400], "gold": 0}]),
      "items:2"),  # a choice longer than the model's context

@@ -91,3 +91,10 @@ def test_limit_join_and_key():
 
 def test_count_words_as_lm_eval():
     assert count_words("a  b\nc") == 3 and count_words(" a") == 2  # re.split keeps the empty first piece
+
+
+def test_templates_are_sandboxed():
+    """The server renders templates its clients send: no way from a template into Python's internals."""
+    spec = parse_task_text(MC.replace("Q: {{question}}", "{{ question.__class__.__mro__[1].__subclasses__() }}"))
+    with pytest.raises(DataError, match="SecurityError|unsafe"):
+        build_items(spec, _records({"question": "q", "choices": ["a", "b"], "answer": 0}))
