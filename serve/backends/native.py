@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo
 from serve.scoring import LoglikelihoodQuery, Scorer, ScoreResult, ScoreText
 from serve.types import EngineStats, InvalidRequestError, Logprobs, RequestOutput, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 class NativeBackend:
@@ -32,13 +35,14 @@ class NativeBackend:
         self._tokenizer: Any = None
         self._scorer: Scorer | None = None
         self._token_texts: dict[int, str] = {}
+        self._stats_listeners: tuple[Callable[[EngineStats], None], ...] = ()
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        from serve.backends.observed_engine import ObservedEngine
         from serve.engine.async_engine import AsyncEngine
-        from serve.engine.llm_engine import LLMEngine
 
-        self.llm_engine = await asyncio.to_thread(LLMEngine, self.config)
+        self.llm_engine = await asyncio.to_thread(ObservedEngine, self.config, self._publish_stats)
         self._tokenizer = await asyncio.to_thread(self.llm_engine.checkpoint.load_tokenizer)
         self._async = AsyncEngine(self.llm_engine)
         eos = sorted(self.llm_engine.eos_token_ids)
@@ -70,6 +74,16 @@ class NativeBackend:
 
     def stats(self) -> EngineStats:
         return self._async.stats()
+
+    def add_stats_listener(self, listener: Callable[[EngineStats], None]) -> None:
+        self._stats_listeners = (*self._stats_listeners, listener)  # replaced whole: the engine thread iterates it
+
+    def _publish_stats(self, stats: EngineStats) -> None:
+        for listener in self._stats_listeners:
+            try:
+                listener(stats)
+            except Exception:  # noqa: BLE001 - one broken listener must not starve the others
+                log.exception("stats listener %r failed", listener)
 
     # ------------------------------------------------------------------------------ tokenizer
     def tokenize(self, text: str) -> list[int]:

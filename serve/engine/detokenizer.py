@@ -22,7 +22,10 @@ Why the window starts before the new tokens instead of decoding them alone:
   emitted token keeps that token first and the new token's space intact; for the same reason
   the first window is seeded with the prompt's last tokens (the first generated token is not
   the first token of the text) and the window never starts at a skipped special token only.
-Stop strings are searched in the generated text only (the prompt never enters `output_text`).
+Stop strings are searched in the generated text only (the prompt never enters `output_text`), and
+with `min_tokens` only where they end in the text of a generated id past the first `min_tokens`
+(vLLM v1's detokenizer, PR #22014: the first min_tokens ids can neither stop on EOS nor on a string;
+a stop string may still *begin* in their text, so prefixes of stop strings are held back there too).
 """
 
 from __future__ import annotations
@@ -58,11 +61,13 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: SupportsDecode, prompt_token_ids: Sequence[int], *,
                  skip_special_tokens: bool = True, stop: Sequence[str] = (),
-                 include_stop_str_in_output: bool = False) -> None:
+                 include_stop_str_in_output: bool = False, min_tokens: int = 0) -> None:
         if isinstance(stop, str):
             raise TypeError(f"stop must be a list of strings, got the string {stop!r}; write [{stop!r}]")
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+        if min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
@@ -87,6 +92,7 @@ class IncrementalDetokenizer:
         self._recent_text = ""  # the output's last _max_stop_len - 1 chars (ends with _held_text)
         self.stop_string_hit: str | None = None
         self._is_finished = False
+        self._num_unchecked_ids = min_tokens  # generated ids still to come whose text ends no stop string
 
     @property
     def stopped(self) -> bool:
@@ -104,15 +110,21 @@ class IncrementalDetokenizer:
         returns the final remainder once, then "" (ids still in flight are ignored)."""
         if self.stopped or self._is_finished or not new_token_ids:
             return ""
+        num_unchecked = self._num_unchecked_ids
+        if 0 < num_unchecked < len(new_token_ids):  # crosses the min_tokens boundary: split it there
+            return self.update(new_token_ids[:num_unchecked]) + self.update(new_token_ids[num_unchecked:])
+        self._num_unchecked_ids = max(0, num_unchecked - len(new_token_ids))
         self._window_ids.extend(new_token_ids)
-        return self._take(self._decode_new_text(is_final=False), is_final=False)
+        return self._take(self._decode_new_text(is_final=False), is_final=False, checks_stops=num_unchecked == 0)
 
     def finish(self) -> str:
         """Flush held-back text (a trailing partial character decodes as U+FFFD, as `decode` does)."""
         if self.stopped or self._is_finished:
             return ""
         self._is_finished = True
-        return self._take(self._decode_new_text(is_final=True), is_final=True)
+        # The flushed text is the last ids' trailing partial character: checked if they were.
+        return self._take(self._decode_new_text(is_final=True), is_final=True,
+                          checks_stops=self._num_unchecked_ids == 0)
 
     def _decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
@@ -145,13 +157,14 @@ class IncrementalDetokenizer:
             self._num_pending_chars = 0
         return new_text
 
-    def _take(self, new_text: str, *, is_final: bool) -> str:
-        """Append `new_text` to the output; cut at a stop string; return what may be streamed."""
+    def _take(self, new_text: str, *, is_final: bool, checks_stops: bool) -> str:
+        """Append `new_text` to the output; cut at a stop string ending in it (when `checks_stops`);
+        return what may be streamed."""
         # Only a stop string ending in new_text is new, and it starts at most max_len - 1 chars
         # before it: search the output's last max_len - 1 chars (_recent_text) plus new_text.
         text = self._recent_text + new_text
         num_streamed = len(self._recent_text) - len(self._held_text)  # text[:num_streamed] is out
-        hit = self._find_stop(text)
+        hit = self._find_stop(text, len(self._recent_text)) if checks_stops and new_text else None
         if hit is not None:
             stop_str, start = hit
             self.stop_string_hit = stop_str
@@ -167,12 +180,14 @@ class IncrementalDetokenizer:
             self._streamed_pieces.append(delta)
         return delta
 
-    def _find_stop(self, text: str) -> tuple[str, int] | None:
-        """The stop string that ends first in `text` (then the longest), as the stream would see it
-        char by char; so the result does not depend on how tokens were chunked into updates."""
+    def _find_stop(self, text: str, num_old_chars: int) -> tuple[str, int] | None:
+        """The stop string that ends first in `text[num_old_chars:]` (then the longest), as the stream
+        would see it char by char; so the result does not depend on how tokens were chunked into updates.
+        A match ending in the old text was either found before or lies in text min_tokens exempted."""
         best: tuple[int, int, str] | None = None  # (end, start, stop string)
         for stop_str in self._stop:
-            start = text.find(stop_str)  # the first occurrence is the one that ends first
+            # the first occurrence ending past the old text is the one that ends first
+            start = text.find(stop_str, max(0, num_old_chars - len(stop_str) + 1))
             if start >= 0 and (best is None or (start + len(stop_str), start) < best[:2]):
                 best = (start + len(stop_str), start, stop_str)
         return None if best is None else (best[2], best[1])

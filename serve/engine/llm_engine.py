@@ -13,6 +13,10 @@ token; the runner returns the target's logits at those 1 + k positions; the spec
 (lossless rejection sampling) and the emitted tokens go through the normal append path one by one, so
 a stop token, stop string or max_tokens in the middle ends the sequence there and the rest is dropped.
 The scheduler rolls back the rejected drafts' KV before the prefix cache can see them.
+
+Parallel sampling (`n > 1`, serve/engine/parallel_sampling.py): completion 0 computes the prompt; the
+others draw their first token from its last prompt row and fork its KV blocks (full blocks shared and
+ref-counted, the partial last block copied), then run as ordinary sequences.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Literal
 import torch
 
 from serve.engine.detokenizer import IncrementalDetokenizer
+from serve.engine.outputs import concat_completions, empty_output, merge_outputs
+from serve.engine.parallel_sampling import PromptSharing
 from serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from serve.engine.sequence import Sequence, SequenceStatus
 from serve.engine.speculator import Speculator
@@ -81,6 +87,7 @@ class EngineConfig:
                               f"got {self.speculative_max_budget_fraction}")
 
 
+Token = tuple[int, Logprobs | None]  # a sampled token id and its logprobs (None when not asked)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -107,6 +114,7 @@ class LLMEngine:
         self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
         self.speculator = (Speculator.from_engine_config(config, self.runner, self.tokenizer, self.max_model_len,
                                                          self.eos_token_ids) if config.speculative_method else None)
+        self.prompt_sharing = PromptSharing(self.scheduler, self.kv, self.runner.copy_block)
         self._seqs: dict[str, list[Sequence]] = {}  # request_id -> its n sequences
         self._sent_prompt_logprobs: set[str] = set()
         self._finished_stats: list[FinishedRequestStats] = []
@@ -118,7 +126,11 @@ class LLMEngine:
                     priority: int = 0, arrival_time_s: float | None = None) -> Request:
         if request_id in self._seqs:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        params = params or SamplingParams()
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", f"must be a SamplingParams, got {type(params).__name__}: build it "
+                                                f"with SamplingParams(**fields), which checks every field")
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
@@ -127,20 +139,22 @@ class LLMEngine:
                           arrival_time_s=time.monotonic() if arrival_time_s is None else arrival_time_s,
                           priority=priority, prompt_text=prompt_text)
         request = request.validated_for(self.runner.vocab_size, self.max_model_len)
+        params = request.params  # clipped to the context left
         seqs = []
-        for index in range(request.params.n):
-            # n > 1: each completion is its own sequence; the prefix cache shares the prompt's full
-            # blocks between them once the first has computed it.
+        for index in range(params.n):
+            # n > 1: each completion is its own sequence; completion 0 computes the prompt and the others
+            # fork its KV blocks (PromptSharing).
             seq = Sequence(seq_id=f"{request_id}#{index}", request=request, index=index,
                            token_ids=list(request.prompt_token_ids), num_prompt_tokens=request.num_prompt_tokens)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                                      skip_special_tokens=params.skip_special_tokens,
-                                                     stop=params.stop)
+                                                     stop=params.stop, min_tokens=params.min_tokens,
+                                                     include_stop_str_in_output=params.include_stop_str_in_output)
             if params.seed is not None:
                 # n > 1 with a seed: completion i draws from seed + i (as vLLM), not n identical copies.
                 seq.generator = sampling.make_generator(params.seed_for_completion(index), self.runner.device)
             seqs.append(seq)
-            self.scheduler.add(seq)
+        self.prompt_sharing.add(seqs)
         self._seqs[request_id] = seqs
         return request
 
@@ -149,6 +163,7 @@ class LLMEngine:
         seqs = self._seqs.pop(request_id, None)
         if seqs is None:
             return False
+        self.prompt_sharing.discard(seqs[0])
         for seq in seqs:
             if not seq.is_finished:
                 self._finish(seq, FinishReason.ABORT)
@@ -171,14 +186,18 @@ class LLMEngine:
         out = self.runner.execute(sched, tables, wants_prompt)
         for i, logits in out.prompt_logits.items():
             self._collect_prompt_logprobs(sched.scheduled[i], logits)
-        emitted = self._sample_and_verify(sched, out)
+        emitted, first_tokens = self._sample_and_verify(sched, out)
         now = time.monotonic()
         touched: dict[str, dict[int, CompletionOutput]] = {}
         for i, item in enumerate(sched.scheduled):  # before appending: drafts' KV rolls back to the accepted
             self.scheduler.on_step_done(item, emitted[i][1] if item.num_drafts else 0)
+        for i in first_tokens:  # n > 1: before the parent's token, whose finish would free the prompt's blocks
+            self.prompt_sharing.fork(sched.scheduled[i].seq)
         for i, (tokens, _) in emitted.items():
             seq = sched.scheduled[i].seq  # it computed its last token: these are new (also after recompute)
             touched.setdefault(seq.request.request_id, {})[seq.index] = self._append_tokens(seq, tokens, now)
+            for sibling, token in first_tokens.get(i, ()):
+                touched[seq.request.request_id][sibling.index] = self._append_tokens(sibling, [token], now)
         for item in sched.scheduled:  # prompt logprobs of long prompts arrive before any token
             seq = item.seq
             if seq.request.params.prompt_logprobs is not None and seq.request.request_id not in touched \
@@ -200,7 +219,7 @@ class LLMEngine:
             for ro in self.step():
                 if ro.request_id in merged:
                     merged[ro.request_id].append(ro)
-        return [merge_outputs(merged[rid]) if merged[rid] else _empty_output(rid) for rid in ids]
+        return [merge_outputs(merged[rid]) if merged[rid] else empty_output(rid) for rid in ids]
 
     def stats(self) -> EngineStats:
         finished, self._finished_stats = self._finished_stats, []
@@ -216,9 +235,10 @@ class LLMEngine:
 
     # ---------------------------------------------------------------------------- helpers
     def _sample_and_verify(self, sched: SchedulerOutput, out: ModelRunnerOutput,
-                           ) -> dict[int, tuple[list[tuple[int, Logprobs | None]], int]]:
-        """item index -> (tokens to append with their logprobs, accepted drafts). Items that computed
-        their last token without drafts sample one token; items with drafts go through verification."""
+                           ) -> tuple[dict[int, tuple[list[Token], int]], dict[int, list[tuple[Sequence, Token]]]]:
+        """item index -> (tokens to append with their logprobs, accepted drafts), and item index -> the
+        first token of each n > 1 sibling sampled from that item's row. Items that computed their last
+        token without drafts sample one token; items with drafts go through verification."""
         plain_items, plain_rows, spec_items, spec_rows = [], [], [], []
         row = 0
         for i, num_rows in zip(out.sample_indices, out.num_sample_rows or [1] * len(out.sample_indices)):
@@ -230,19 +250,28 @@ class LLMEngine:
                 plain_rows.append(row)
             row += num_rows
         logits = out.sample_logits  # (rows, V)
-        plain = logits if not spec_items else logits[plain_rows]  # (num_plain, V)
-        emitted = {i: ([token], 0) for i, token in self._sample(sched, plain_items, plain).items()}
+        # n > 1: a parent that completed its prompt lends its row to its waiting siblings' first tokens.
+        seqs = [sched.scheduled[i].seq for i in plain_items]
+        siblings = [(i, row, sibling) for i, row in zip(plain_items, plain_rows)
+                    for sibling in self.prompt_sharing.first_token_siblings(sched.scheduled[i])]
+        rows = plain_rows + [row for _, row, _ in siblings]
+        seqs += [sibling for _, _, sibling in siblings]
+        plain = logits if rows == list(range(logits.shape[0])) else logits[rows]  # (num_plain + num_siblings, V)
+        tokens = self._sample(seqs, plain)
+        emitted = {i: ([token], 0) for i, token in zip(plain_items, tokens)}
+        first_tokens: dict[int, list[tuple[Sequence, Token]]] = {}
+        for (i, _, sibling), token in zip(siblings, tokens[len(plain_items):]):
+            first_tokens.setdefault(i, []).append((sibling, token))
         if spec_items:
             verified = self.speculator.verify([sched.scheduled[i] for i in spec_items], logits[spec_rows])
             for i, v in zip(spec_items, verified):
                 emitted[i] = (list(zip(v.token_ids, v.logprobs or [None] * len(v.token_ids))), v.num_accepted)
-        return dict(sorted(emitted.items()))  # scheduling order, as without speculation
+        return dict(sorted(emitted.items())), first_tokens  # scheduling order, as without speculation
 
-    def _sample(self, sched: SchedulerOutput, indices: list[int], logits: torch.Tensor,
-                ) -> dict[int, tuple[int, Logprobs | None]]:
-        if not indices:
-            return {}
-        seqs = [sched.scheduled[i].seq for i in indices]
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Token]:
+        """One token (and its logprobs, if asked) per sequence; logits (len(seqs), V), row j for seqs[j]."""
+        if not seqs:
+            return []
         meta = sampling.SamplingMetadata.from_params(
             [s.request.params for s in seqs], vocab_size=self.runner.vocab_size, device=logits.device,
             # Prompt ids only feed penalties; output ids also decide the min_tokens mask.
@@ -258,7 +287,7 @@ class LLMEngine:
             wanted = [s.request.params.logprobs or 0 for s in seqs]
             logprobs = [lp if s.request.params.logprobs is not None else None
                         for s, lp in zip(seqs, out.logprobs.to_logprobs(out.token_ids, wanted))]
-        return {i: (token_ids[j], logprobs[j]) for j, i in enumerate(indices)}
+        return list(zip(token_ids, logprobs))
 
     def _collect_prompt_logprobs(self, item, logits: torch.Tensor) -> None:
         """Row r of `logits` sits at position start + r and scores the prompt token at start + r + 1."""
@@ -274,7 +303,7 @@ class LLMEngine:
             lp = sampling.compute_logprobs(logits[:len(targets)], target_ids, max(num_top, 1))
             seq.prompt_logprobs.extend(lp.to_logprobs(target_ids, [num_top] * len(targets)))
 
-    def _append_tokens(self, seq: Sequence, tokens: list[tuple[int, Logprobs | None]], now: float,
+    def _append_tokens(self, seq: Sequence, tokens: list[Token], now: float,
                        ) -> CompletionOutput:
         """Append one step's tokens in order; a finish (stop token or string, max_tokens, context) in the
         middle ends the sequence there and the tokens after it are dropped."""
@@ -283,14 +312,15 @@ class LLMEngine:
             deltas.append(self._append(seq, token_id, logprobs, now))
             if seq.is_finished:
                 break
-        return deltas[0] if len(deltas) == 1 else _concat_completions(deltas)
+        return deltas[0] if len(deltas) == 1 else concat_completions(deltas)
 
     def _append(self, seq: Sequence, token_id: int, logprobs: Logprobs | None, now: float) -> CompletionOutput:
         seq.token_ids.append(token_id)
         self.num_generation_tokens_total += 1
         if seq.first_token_s is None:
             seq.first_token_s = now
-            self.num_prompt_tokens_total += seq.num_prompt_tokens
+            if seq.index == 0:  # once per request: with n > 1 the prompt is computed once (vLLM counts so too)
+                self.num_prompt_tokens_total += seq.num_prompt_tokens
         else:
             seq.inter_token_s.append(now - seq.last_token_s)
         seq.last_token_s = now
@@ -300,7 +330,7 @@ class LLMEngine:
         stop_reason: str | int | None = None
         if seq.detokenizer.stopped:
             reason, stop_reason = FinishReason.STOP_STRING, seq.detokenizer.stop_string_hit
-        elif seq.num_output_tokens >= params.min_tokens and (
+        elif seq.num_output_tokens > params.min_tokens and (  # the sampler masks the first min_tokens too
                 token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)):
             reason, stop_reason = FinishReason.STOP, token_id
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -350,35 +380,6 @@ class LLMEngine:
             queue_s=None if first.first_scheduled_s is None else first.first_scheduled_s - req.arrival_time_s,
             ttft_s=None if first.first_token_s is None else first.first_token_s - req.arrival_time_s,
             e2e_s=None if end is None else end - req.arrival_time_s)
-
-
-def _empty_output(request_id: str) -> RequestOutput:
-    """A request that ended (aborted) before producing anything."""
-    return RequestOutput(request_id=request_id, outputs=(), finished=True, num_prompt_tokens=0)
-
-
-def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
-    """Fold a request's streamed deltas into one RequestOutput holding each completion in full."""
-    last = deltas[-1]
-    by_index: dict[int, list[CompletionOutput]] = {}
-    for ro in deltas:
-        for c in ro.outputs:
-            by_index.setdefault(c.index, []).append(c)
-    outputs = [_concat_completions(by_index[index]) for index in sorted(by_index)]
-    prompt_logprobs = next((ro.prompt_logprobs for ro in deltas if ro.prompt_logprobs is not None), None)
-    return RequestOutput(request_id=last.request_id, outputs=tuple(outputs), finished=last.finished,
-                         num_prompt_tokens=last.num_prompt_tokens, num_cached_tokens=last.num_cached_tokens,
-                         prompt_logprobs=prompt_logprobs, queue_s=last.queue_s, ttft_s=last.ttft_s, e2e_s=last.e2e_s)
-
-
-def _concat_completions(parts: list[CompletionOutput]) -> CompletionOutput:
-    """Consecutive deltas of one completion as one delta."""
-    logprobs = None
-    if any(p.logprobs is not None for p in parts):
-        logprobs = tuple(lp for p in parts for lp in (p.logprobs or ()))
-    return CompletionOutput(index=parts[0].index, token_ids=tuple(t for p in parts for t in p.token_ids),
-                            text="".join(p.text for p in parts), logprobs=logprobs,
-                            finish_reason=parts[-1].finish_reason, stop_reason=parts[-1].stop_reason)
 
 
 def _eos_ids(path: Path, tokenizer) -> frozenset[int]:

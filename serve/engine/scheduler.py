@@ -86,6 +86,12 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Put a sequence that already holds its KV blocks straight into the running queue (n > 1: a
+        sibling forked from its parent's prompt, see parallel_sampling.py). The caller checks max_num_seqs."""
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished, aborted or failed) and return its blocks to the pool."""
         if seq in self.running:

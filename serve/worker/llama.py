@@ -174,6 +174,8 @@ class LlamaDecoder:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (num_tokens,). Returns final hidden states (num_tokens, hidden)."""
+        if self.kernels is not None:
+            return self._forward_kernels(input_ids, positions, kv_caches, meta)
         cfg = self.cfg
         num_q, num_kv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         x = self.embed[input_ids]  # (T, hidden)
@@ -181,18 +183,48 @@ class LlamaDecoder:
         sin = self.rope_sin[positions].to(x.dtype)[:, None, :]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = self._rms_norm(x, layer.input_norm)
-            qkv = self._linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
             q = qkv[:, :num_q].view(-1, cfg.num_heads, hd)  # (T, heads, head_dim)
             k = qkv[:, num_q:num_q + num_kv].view(-1, cfg.num_kv_heads, hd)  # (T, kv_heads, head_dim)
             v = qkv[:, num_q + num_kv:].reshape(-1, cfg.num_kv_heads, hd)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            attn = paged_attention(q, k_cache, v_cache, meta, self.scale, self.kernels)  # (T, heads, head_dim)
-            x = x + self._linear(attn.reshape(-1, num_q), layer.o)
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale)  # (T, heads, head_dim)
+            x = x + F.linear(attn.reshape(-1, num_q), layer.o)
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = self._linear(h, layer.gate_up).chunk(2, dim=-1)  # (T, intermediate) each
-            x = x + self._linear(F.silu(gate) * up, layer.down)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)  # (T, intermediate) each
+            x = x + F.linear(F.silu(gate) * up, layer.down)
         return self._rms_norm(x, self.final_norm)
+
+    def _forward_kernels(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                         kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """The same math with our CPU kernels: ~10 calls per layer instead of ~30 eager ops (per-op overhead is
+        most of a small model's single-stream decode), RoPE and the KV write in place on the fused QKV output,
+        residual adds folded into the output projections."""
+        cfg, kern = self.cfg, self.kernels
+        assert kern is not None
+        num_q, num_kv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        eps, inter = cfg.rms_norm_eps, cfg.intermediate_size
+        few_rows = input_ids.shape[0] <= cpu_kernels.MAX_SMALL_M
+        x = self.embed[input_ids]  # (T, hidden), a copy: updated in place below
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h = kern.rms_norm(x, layer.input_norm, eps)
+            qkv = self._linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
+            kern.rope_(qkv, cfg.num_heads + cfg.num_kv_heads, hd, self.rope_cos, self.rope_sin, positions)  # q, k
+            kern.write_kv(qkv, num_q, num_q + num_kv, k_cache, v_cache, meta.slot_mapping)
+            q = qkv[:, :num_q].view(-1, cfg.num_heads, hd)  # (T, heads, head_dim), rows strided
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale, kern).view(-1, num_q)  # (T, heads * hd)
+            if few_rows:
+                kern.linear_small_m(attn, layer.o, out=x)  # x += attn @ o^T
+            else:
+                x.addmm_(attn, layer.o.t())
+            h = kern.rms_norm(x, layer.post_norm, eps)
+            gate_up = self._linear(h, layer.gate_up)  # (T, 2 * intermediate)
+            if few_rows:
+                kern.linear_small_m(kern.silu_mul(gate_up), layer.down, out=x)
+            else:  # torch's vectorised exp beats the kernel's scalar one over thousands of rows
+                x.addmm_(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.down.t())
+        return kern.rms_norm(x, self.final_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) -> (rows, vocab) in fp32 (sampling and logprobs want full precision)."""

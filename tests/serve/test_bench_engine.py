@@ -26,7 +26,7 @@ def test_bench_engine_smoke(tmp_path, trained_checkpoint):
 
 def test_bench_engine_w3_speculative(tmp_path, trained_checkpoint):
     """The target as its own draft: every draft is accepted and outputs are identical."""
-    report = bench_engine(BenchEngineConfig(model=str(trained_checkpoint), workloads=["w3"], backends=["native"],
+    report = bench_engine(BenchEngineConfig(model=str(trained_checkpoint), workloads=["w3"], peers=["none"],
                                             target=str(trained_checkpoint), draft=str(trained_checkpoint),
                                             latency_output_len=12, spec_prompts=2, output=str(tmp_path / "e.json")))
     w3 = report["results"]["w3"]["native"]
@@ -37,5 +37,5 @@ def test_bench_engine_w3_speculative(tmp_path, trained_checkpoint):
 def test_bench_engine_bad_flags():
     with pytest.raises(ConfigError, match="--workloads"):
         BenchEngineConfig(workloads=["w9"])
-    with pytest.raises(ConfigError, match="--backends"):
-        BenchEngineConfig(backends=["tgi"])
+    with pytest.raises(ConfigError, match="--peers"):
+        BenchEngineConfig(peers=["tgi"])

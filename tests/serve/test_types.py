@@ -59,6 +59,8 @@ INVALID = [
     ("prompt_logprobs", {"prompt_logprobs": 21}),
     ("speculative", {"speculative": "yes"}),
     ("skip_special_tokens", {"skip_special_tokens": None}),
+    ("include_stop_str_in_output", {"include_stop_str_in_output": "true"}),
+    ("include_stop_str_in_output", {"include_stop_str_in_output": 1}),
 ]
 
 
@@ -77,6 +79,7 @@ def test_defaults_are_valid_and_sample_unfiltered() -> None:
     assert (params.max_tokens, params.min_tokens, params.n, params.logprobs) == (16, 0, 1, None)
     assert not params.is_greedy and not params.needs_penalties
     assert params.skip_special_tokens and not params.ignore_eos and params.speculative is None
+    assert params.include_stop_str_in_output is False
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.temperature = 0.5  # type: ignore[misc]
     hash(params)  # frozen and made of tuples: usable as a key

@@ -49,49 +49,111 @@ class CpuKernels:
     """Typed wrappers over the shared library; every argument is checked before a pointer is passed."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._attn = lib.lmf_paged_attention_f32
-        self._attn.restype = None
-        self._attn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
-                               _f32, _ptr, _int]
-        self._linear = lib.lmf_linear_small_m_f32
-        self._linear.restype = None
-        self._linear.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+        def bind(name: str, *argtypes: type) -> ctypes._CFuncPtr:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = None, list(argtypes)
+            return fn
+
+        self._attn = bind("lmf_paged_attention_f32", _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
+                          _i64, _i64, _i64, _i64, _f32, _ptr, _int)
+        self._linear = bind("lmf_linear_small_m_f32", _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _int)
+        self._rms_norm = bind("lmf_rms_norm_f32", _ptr, _ptr, _ptr, _i64, _i64, _f32, _int)
+        self._rope = bind("lmf_rope_inplace_f32", _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int)
+        self._silu_mul = bind("lmf_silu_mul_f32", _ptr, _ptr, _i64, _i64, _int)
+        self._write_kv = bind("lmf_write_kv_f32", _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr)
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, query_starts: torch.Tensor, query_lens: torch.Tensor,
                         seq_lens: torch.Tensor, block_size: int, scale: float,
                         out: torch.Tensor | None = None) -> torch.Tensor:
-        """q: (num_tokens, heads, head_dim); caches: (num_slots, kv_heads, head_dim); block_tables:
-        (num_seqs, max_blocks) int64; query_starts/query_lens/seq_lens: (num_seqs,) int64. Returns `out` (like q),
-        of which only the given sequences' rows are written."""
-        _check_f32(q, k_cache, v_cache)
+        """q: (num_tokens, heads, head_dim), rows may be strided (a view into the fused QKV output); caches:
+        (num_slots, kv_heads, head_dim); block_tables: (num_seqs, max_blocks) int64; query_starts/query_lens/
+        seq_lens: (num_seqs,) int64. Returns `out` (num_tokens, heads, head_dim), of which only the given
+        sequences' rows are written."""
+        _check_f32(k_cache, v_cache)
+        _check_rows(q)
         _check_i64(block_tables, query_starts, query_lens, seq_lens)
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[1]
         if k_cache.shape[2] != head_dim or num_heads % num_kv_heads:
             raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
         if out is None:
-            out = torch.empty_like(q)
+            out = q.new_empty(q.shape)
         _check_f32(out)
         if out.shape != q.shape:
             raise ValueError(f"out {tuple(out.shape)} is not shaped like q {tuple(q.shape)}")
-        self._attn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        self._attn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                    query_starts.data_ptr(), query_lens.data_ptr(), seq_lens.data_ptr(), block_tables.shape[0],
                    block_tables.shape[1], num_tokens, num_heads, num_kv_heads, head_dim, block_size, scale,
                    out.data_ptr(), torch.get_num_threads())
         return out
 
-    def linear_small_m(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (m, k), weight: (n, k), bias: (n,) -> (m, n), as F.linear."""
+    def linear_small_m(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (m, k), weight: (n, k), bias: (n,) -> (m, n), as F.linear. With `out`, adds into it (residual)."""
         _check_f32(x, weight, *([bias] if bias is not None else []))
         m, k = x.shape
         n = weight.shape[0]
         if weight.shape[1] != k or (bias is not None and bias.shape != (n,)):
             raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
-        out = x.new_empty((m, n))
+        accumulate = out is not None
+        if out is None:
+            out = x.new_empty((m, n))
+        else:
+            _check_f32(out)
+            if out.shape != (m, n):
+                raise ValueError(f"out {tuple(out.shape)} is not ({m}, {n})")
         self._linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-                     out.data_ptr(), m, n, k, torch.get_num_threads())
+                     out.data_ptr(), m, n, k, int(accumulate), torch.get_num_threads())
         return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """(rows, dim) -> (rows, dim): weight * x / sqrt(mean(x^2) + eps)."""
+        _check_f32(x, weight)
+        out = x.new_empty(x.shape)
+        self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
+                       torch.get_num_threads())
+        return out
+
+    def rope_(self, x: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+              positions: torch.Tensor) -> None:
+        """Rotate the first `num_heads` heads of every row of x (rows, >= num_heads * head_dim) in place, with
+        cos/sin tables (max_positions, head_dim) at `positions` (rows,) int64."""
+        _check_rows(x)
+        _check_f32(cos, sin)
+        _check_i64(positions)
+        if x.stride(1) != 1 or x.shape[1] < num_heads * head_dim or cos.shape[1] != head_dim:
+            raise ValueError(f"rope: x {tuple(x.shape)} has no {num_heads} heads of {head_dim}")
+        self._rope(x.data_ptr(), x.shape[0], x.stride(0), num_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+                   positions.data_ptr(), torch.get_num_threads())
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(rows, 2 * inter) -> (rows, inter): silu(gate) * up."""
+        _check_f32(gate_up)
+        rows, width = gate_up.shape
+        out = gate_up.new_empty((rows, width // 2))
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+        return out
+
+    def write_kv(self, qkv: torch.Tensor, k_offset: int, v_offset: int, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy each row's K (at column k_offset) and V (at v_offset) of the fused QKV output into the caches
+        (num_slots, kv_heads, head_dim) at `slots` (rows,) int64."""
+        _check_rows(qkv)
+        _check_f32(k_cache, v_cache)
+        _check_i64(slots)
+        width = k_cache.shape[1] * k_cache.shape[2]
+        if qkv.stride(1) != 1 or max(k_offset, v_offset) + width > qkv.shape[1] or len(slots) != qkv.shape[0]:
+            raise ValueError(f"write_kv: qkv {tuple(qkv.shape)} does not hold K/V of width {width}")
+        self._write_kv(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), k_offset, v_offset, width, k_cache.data_ptr(),
+                       v_cache.data_ptr(), slots.data_ptr())
+
+
+def _check_rows(t: torch.Tensor) -> None:
+    """fp32 on CPU, each row contiguous (rows themselves may be strided)."""
+    inner = t[0] if t.dim() > 1 and t.shape[0] else t
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not inner.is_contiguous():
+        raise ValueError(f"CPU kernels take fp32 CPU tensors with contiguous rows, got {t.dtype} on {t.device}")
 
 
 def _check_f32(*tensors: torch.Tensor) -> None:

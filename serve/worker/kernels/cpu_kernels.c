@@ -61,7 +61,8 @@ static inline void axpy_f32(float* out, float w, const float* v, int64_t n) {
 }
 
 /* Causal attention of the step's new tokens over their sequences' paged context.
- *   q:            (num_tokens, num_heads, head_dim), the step's queries, sequences one after another
+ *   q:            (num_tokens, num_heads, head_dim), the step's queries, sequences one after another; rows
+ *                 q_row_stride floats apart (the fused QKV output is read in place)
  *   k/v_cache:    (num_slots, num_kv_heads, head_dim); slot of position p of sequence i is
  *                 block_tables[i][p / block_size] * block_size + p % block_size
  *   block_tables: (num_seqs, max_blocks)
@@ -70,7 +71,7 @@ static inline void axpy_f32(float* out, float w, const float* v, int64_t n) {
  *   out:          (num_tokens, num_heads, head_dim); only the rows of the given sequences are written
  * Query head h reads kv head h / (num_heads / num_kv_heads), as transformers' repeat_kv.
  * The group of query heads of a kv head shares every K/V row it loads. */
-void lmf_paged_attention_f32(const float* q, const float* k_cache, const float* v_cache,
+void lmf_paged_attention_f32(const float* q, int64_t q_row_stride, const float* k_cache, const float* v_cache,
                              const int64_t* block_tables, const int64_t* query_starts, const int64_t* query_lens,
                              const int64_t* seq_lens, int64_t num_seqs, int64_t max_blocks, int64_t num_tokens,
                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
@@ -113,7 +114,7 @@ void lmf_paged_attention_f32(const float* q, const float* k_cache, const float* 
       const int64_t ctx = tok_pos[r] + 1;  /* causal: keys 0 .. own position */
       const int64_t* table = block_tables + tok_seq[r] * max_blocks;
       const int64_t num_q = heads_per_item * group;  /* query heads kvh0 * group .. + num_q, contiguous in q */
-      const float* qh = q + (t * num_heads + kvh0 * group) * head_dim;  /* (num_q, head_dim) */
+      const float* qh = q + t * q_row_stride + kvh0 * group * head_dim;  /* (num_q, head_dim) */
       float* oh = out + (t * num_heads + kvh0 * group) * head_dim;
       for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
         const float* kblock = k_cache + table[p0 / block_size] * block_size * row_stride;
@@ -150,14 +151,71 @@ void lmf_paged_attention_f32(const float* q, const float* k_cache, const float* 
   free(tok_pos);
 }
 
-/* out (m, n) = x (m, k) @ w (n, k)^T [+ bias (n)], for small m (decode of one or a few sequences).
- * Each weight row is read from memory once and used for all m rows of x. */
+/* out (m, n) = x (m, k) @ w (n, k)^T [+ bias (n)] [+ out if accumulate: the residual add for free], for
+ * small m (decode of one or a few sequences). Each weight row is read from memory once for all m rows of x. */
 void lmf_linear_small_m_f32(const float* x, const float* w, const float* bias, float* out, int64_t m, int64_t n,
-                            int64_t k, int num_threads) {
+                            int64_t k, int accumulate, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t j = 0; j < n; ++j) {
     const float* wrow = w + j * k;
     const float b = bias ? bias[j] : 0.f;
-    for (int64_t i = 0; i < m; ++i) out[i * n + j] = dot_f32(x + i * k, wrow, k) + b;
+    for (int64_t i = 0; i < m; ++i) {
+      const float y = dot_f32(x + i * k, wrow, k) + b;
+      out[i * n + j] = accumulate ? out[i * n + j] + y : y;
+    }
+  }
+}
+
+/* Llama's RMSNorm in fp32: out = w * x / sqrt(mean(x^2) + eps), per row of (rows, dim). */
+void lmf_rms_norm_f32(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps,
+                      int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 8)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* o = out + r * dim;
+    const float inv = 1.f / sqrtf(dot_f32(xr, xr, dim) / (float)dim + eps);
+    for (int64_t d = 0; d < dim; ++d) o[d] = w[d] * (xr[d] * inv);
+  }
+}
+
+/* Rotate-half RoPE in place on the first num_heads heads of each row (queries then keys of the fused QKV
+ * output): x[i] <- x[i] cos[i] - x[i + half] sin[i], x[i + half] <- x[i + half] cos[i + half] + x[i] sin[i + half],
+ * with cos/sin rows (max_positions, head_dim) taken at each token's position (transformers' apply_rotary_pos_emb). */
+void lmf_rope_inplace_f32(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
+                          const float* cos_table, const float* sin_table, const int64_t* positions, int num_threads) {
+  const int64_t half = head_dim / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 8)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* c = cos_table + positions[r] * head_dim;
+    const float* s = sin_table + positions[r] * head_dim;
+    for (int64_t h = 0; h < num_heads; ++h) {
+      float* v = x + r * row_stride + h * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+}
+
+/* out (rows, inter) = silu(gate) * up, from the fused gate/up output (rows, 2 * inter). */
+void lmf_silu_mul_f32(const float* gate_up, float* out, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows > 8)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gate_up + r * 2 * inter;
+    const float* u = g + inter;
+    float* o = out + r * inter;
+    for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+  }
+}
+
+/* Store each new token's K and V (kv_width floats each, at k_offset / v_offset within its row of the fused QKV
+ * output) in the caches at its slot. */
+void lmf_write_kv_f32(const float* qkv, int64_t rows, int64_t row_stride, int64_t k_offset, int64_t v_offset,
+                      int64_t kv_width, float* k_cache, float* v_cache, const int64_t* slots) {
+  for (int64_t r = 0; r < rows; ++r) {
+    memcpy(k_cache + slots[r] * kv_width, qkv + r * row_stride + k_offset, sizeof(float) * (size_t)kv_width);
+    memcpy(v_cache + slots[r] * kv_width, qkv + r * row_stride + v_offset, sizeof(float) * (size_t)kv_width);
   }
 }

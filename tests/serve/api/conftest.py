@@ -21,12 +21,14 @@ NUM_KV_BLOCKS = 64  # 1024 tokens: the served context is the model's 512; tiny m
 
 
 class BackgroundServer:
-    def __init__(self, backend: NativeBackend, config: GrpcServerConfig, *, load: bool = True) -> None:
+    def __init__(self, backend: NativeBackend, config: GrpcServerConfig, *, load: bool = True,
+                 observe=None) -> None:
         self.backend = backend
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-server", daemon=True)
         self.thread.start()
-        self.server = GrpcServer(backend, config)
+        self.server = GrpcServer(backend, config, observe=observe)
+        self.http_servers: list = []
         self.port = self.call(self.server.start())
         self.target = f"127.0.0.1:{self.port}"
         if load:
@@ -35,6 +37,15 @@ class BackgroundServer:
     def call(self, coro, timeout_s: float = 120.0):
         """Run a coroutine on the server's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def serve_http(self, app) -> str:
+        """Serve an aiohttp application (the OpenAI API, /metrics) on this server's loop; returns its base URL."""
+        from serve.api.http_server import HttpServer
+
+        http = HttpServer(app, "127.0.0.1", 0)
+        port = self.call(http.start())
+        self.http_servers.append(http)
+        return f"http://127.0.0.1:{port}"
 
     def client(self, **kwargs) -> Client:
         return Client(self.target, timeout_s=60.0, **kwargs)
@@ -46,6 +57,8 @@ class BackgroundServer:
     def stop(self) -> None:
         try:
             self.call(self.server.shutdown(grace_s=5.0))
+            for http in self.http_servers:
+                self.call(http.stop())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
@@ -75,12 +88,13 @@ def wait_engine_idle(engine) -> None:
 
 @pytest.fixture(scope="package")
 def start_server(trained_checkpoint) -> Iterator[Callable[..., BackgroundServer]]:
-    """Factory: start_server(port=0-config overrides..., engine=EngineConfig overrides, load=True)."""
+    """Factory: start_server(port=0-config overrides..., engine=EngineConfig overrides, load=True, observe=RPC observer)."""
     servers: list[BackgroundServer] = []
 
-    def start(*, engine: dict | None = None, load: bool = True, checkpoint=None, **config) -> BackgroundServer:
+    def start(*, engine: dict | None = None, load: bool = True, checkpoint=None, observe=None,
+              **config) -> BackgroundServer:
         backend = NativeBackend(engine_config(checkpoint or trained_checkpoint, **(engine or {})))
-        server = BackgroundServer(backend, GrpcServerConfig(port=0, **config), load=load)
+        server = BackgroundServer(backend, GrpcServerConfig(port=0, **config), load=load, observe=observe)
         servers.append(server)
         return server
 

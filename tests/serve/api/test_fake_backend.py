@@ -53,6 +53,9 @@ class FakeBackend:
     def stats(self):
         return EngineStats()
 
+    def add_stats_listener(self, listener):
+        pass  # no engine steps here
+
     def abort(self, request_id):
         pass  # nothing runs in the background here
 

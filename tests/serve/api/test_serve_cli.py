@@ -66,6 +66,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(trained_checkpoint):
     (["--model", "{ckpt}", "--auth-token-file", "{missing}"], "--auth-token-file"),
     (["--model", "{ckpt}", "--auth-token-env", "LMFORGE_SURELY_UNSET_VAR"], "is empty"),
     (["--model", "{ckpt}", "--port", "70000"], "--port"),
+    (["--model", "{ckpt}", "--http-port", "-1"], "--http-port"),
+    (["--model", "{ckpt}", "--http-port", "8000", "--metrics-port", "8000"], "--metrics-port"),
 ])
 def test_bad_flags_are_refused_naming_them(trained_checkpoint, tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.delenv("LMFORGE_SURELY_UNSET_VAR", raising=False)

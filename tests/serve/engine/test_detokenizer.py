@@ -54,9 +54,11 @@ def stream(tok, ids, *, prompt=(), rng=None, **kwargs) -> tuple[IncrementalDetok
     return detok, deltas
 
 
-def reference_stop(text: str, stop: list[str], include: bool) -> tuple[str, str | None]:
-    """Brute force: the stop string whose first occurrence ends first (ties: the longer one)."""
-    hits = [(text.find(s) + len(s), text.find(s), s) for s in stop if s in text]
+def reference_stop(text: str, stop: list[str], include: bool, num_exempt_chars: int = 0) -> tuple[str, str | None]:
+    """Brute force: the stop string whose first occurrence ending past `num_exempt_chars` (the text of the
+    first min_tokens ids) ends first (ties: the longer one)."""
+    starts = [(text.find(s, max(0, num_exempt_chars - len(s) + 1)), s) for s in stop]
+    hits = [(start + len(s), start, s) for start, s in starts if start >= 0]
     if not hits:
         return text, None
     end, start, s = min(hits)
@@ -160,14 +162,16 @@ def test_window_stays_small_over_2000_tokens(tok):
 
 # --- stop strings -------------------------------------------------------------------------------
 
-def run_stop(tok, text, stop, *, include=False, rng=None, prompt=()):
+def run_stop(tok, text, stop, *, include=False, rng=None, prompt=(), min_tokens=0):
     """Stream `text` with stop strings, checking after every delta that nothing streamed is ever
-    taken back: the running concatenation is a prefix of the final text and holds no stop string."""
-    detok = IncrementalDetokenizer(tok, list(prompt), stop=stop, include_stop_str_in_output=include)
+    taken back: the running concatenation is a prefix of the final text and (without min_tokens,
+    which lets stop strings through in the first tokens' text) holds no stop string."""
+    detok = IncrementalDetokenizer(tok, list(prompt), stop=stop, include_stop_str_in_output=include,
+                                   min_tokens=min_tokens)
     streamed = ""
     for chunk in chunked(encode(tok, text), rng):
         streamed += detok.update(chunk)
-        if not include or not detok.stopped:
+        if (not include or not detok.stopped) and not min_tokens:
             assert not any(s in streamed for s in stop), (streamed, stop)
         assert detok.output_text.startswith(streamed)
     streamed += detok.finish()
@@ -264,3 +268,42 @@ def test_bad_stop_arguments_are_rejected(tok):
         IncrementalDetokenizer(tok, [], stop="model")
     with pytest.raises(ValueError, match="non-empty"):
         IncrementalDetokenizer(tok, [], stop=[""])
+
+
+# --- min_tokens: stop strings ending in the first min_tokens ids' text are not checked ------------
+
+def test_min_tokens_exempts_stop_strings_ending_in_the_first_tokens(tok):
+    ids = encode(tok, TEXT)
+    assert tok.decode(ids[:2]) == "The model"
+    assert run_stop(tok, TEXT, ["e"]).output_text == "Th"
+    detok = run_stop(tok, TEXT, ["e"], min_tokens=2)  # the e's of "The model" are exempt
+    assert (detok.output_text, detok.stop_string_hit) == ("The model r", "e")
+    assert run_stop(tok, TEXT, ["model"], min_tokens=2).output_text == TEXT  # only in exempt text
+
+
+def test_min_tokens_stop_beginning_in_exempt_text_and_ending_after_it_matches(tok):
+    # vLLM v1 (PR #22014): only the END of a match must lie past the first min_tokens ids' text.
+    assert tok.decode(encode(tok, TEXT)[2:3]) == " reads"
+    for chunk_rng in [None, random.Random(1)]:
+        assert run_stop(tok, TEXT, ["el re"], min_tokens=2, rng=chunk_rng).output_text == "The mod"
+        assert run_stop(tok, TEXT, ["el re"], min_tokens=3, rng=chunk_rng).output_text == TEXT  # ends in token 3
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_min_tokens_stops_match_brute_force_for_any_chunking(tok, seed, include):
+    rng = random.Random(100 + seed)
+    text = SAMPLES[seed % len(SAMPLES)]
+    ids = encode(tok, text)
+    # min_tokens at a token boundary that is also a character boundary, so "the first min_tokens
+    # tokens' text" is a well-defined prefix of the text
+    boundaries = [m for m in range(len(ids) + 1) if text.startswith(tok.decode(ids[:m]))
+                  and not tok.decode(ids[:m]).endswith(REPLACEMENT_CHAR)]
+    min_tokens = rng.choice(boundaries[1:])
+    num_exempt_chars = len(tok.decode(ids[:min_tokens]))
+    stop = [text[start:start + rng.randint(1, 4)] for start in rng.sample(range(len(text)), 3)]
+    expected = reference_stop(text, stop, include, num_exempt_chars)
+    for chunk_rng in [None, rng]:
+        detok = run_stop(tok, text, stop, include=include, rng=chunk_rng, min_tokens=min_tokens)
+        assert (detok.output_text, detok.stop_string_hit) == expected, (min_tokens, stop)
+

@@ -106,3 +106,46 @@ def test_build_is_cached_and_keyed(cpu_kernels, tmp_path, monkeypatch):
     mtime = first.stat().st_mtime_ns
     assert kernels._build(compiler) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_linear_accumulates_into_out(cpu_kernels):
+    x, w, residual = torch.randn(3, 16), torch.randn(5, 16), torch.randn(3, 5)
+    out = residual.clone()
+    cpu_kernels.linear_small_m(x, w, out=out)
+    torch.testing.assert_close(out, residual + F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_elementwise_kernels_match_transformers_math(cpu_kernels):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 48, generator=gen)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    norm.weight.data = torch.randn(48, generator=gen)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.weight.data, 1e-5), norm(x).detach(), atol=1e-5, rtol=1e-5)
+
+    heads, kv_heads, hd, rows = 4, 2, 16, 5
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * hd, generator=gen)
+    positions = torch.tensor([0, 3, 7, 8, 30])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    emb = torch.cat([torch.outer(torch.arange(64).float(), inv_freq)] * 2, dim=-1)  # (64, hd)
+    cos, sin = emb.cos(), emb.sin()
+    q = qkv[:, :heads * hd].view(rows, heads, hd).transpose(0, 1)[None]  # (1, heads, rows, hd)
+    k = qkv[:, heads * hd:(heads + kv_heads) * hd].view(rows, kv_heads, hd).transpose(0, 1)[None]
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos[positions][None], sin[positions][None])
+    v_before = qkv[:, (heads + kv_heads) * hd:].clone()
+    cpu_kernels.rope_(qkv, heads + kv_heads, hd, cos, sin, positions)
+    torch.testing.assert_close(qkv[:, :heads * hd].view(rows, heads, hd), ref_q[0].transpose(0, 1))
+    torch.testing.assert_close(qkv[:, heads * hd:(heads + kv_heads) * hd].view(rows, kv_heads, hd),
+                               ref_k[0].transpose(0, 1))
+    assert torch.equal(qkv[:, (heads + kv_heads) * hd:], v_before)  # values are not rotated
+
+    gate_up = torch.randn(3, 2 * 40, generator=gen)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate_up[:, :40]) * gate_up[:, 40:])
+
+    k_cache, v_cache = torch.zeros(10, kv_heads, hd), torch.zeros(10, kv_heads, hd)
+    slots = torch.tensor([9, 0, 4, 5, 1])
+    cpu_kernels.write_kv(qkv, heads * hd, (heads + kv_heads) * hd, k_cache, v_cache, slots)
+    assert torch.equal(k_cache[slots].view(rows, -1), qkv[:, heads * hd:(heads + kv_heads) * hd])
+    assert torch.equal(v_cache[slots].view(rows, -1), qkv[:, (heads + kv_heads) * hd:])
+    assert k_cache[2].abs().sum() == 0  # untouched slots stay untouched
