@@ -1,6 +1,7 @@
 """Parity with lm-evaluation-harness: the same checkpoint and task, `lmforge eval` through the server against
 lm-eval 0.4.13 running the model in-process (HFLM, fp32), with lm-eval task YAML built from our task files
-(same prompt template, choices, target delimiter; lm-eval reads the same data).
+(same prompt template, choices, target delimiter; lm-eval reads the same data). And lm-eval's own
+`local-completions` model pointed at our OpenAI endpoint against its in-process run.
 
 Tolerances: per-continuation log-likelihoods agree within 1e-4 absolute (two fp32 implementations summing
 ~20-100 token logprobs; measured ~2e-5), is-greedy flags and acc / acc_norm agree exactly; rolling
@@ -30,8 +31,8 @@ MC_LIMIT, PPL_LIMIT = 40, 3
 
 
 @pytest.fixture(scope="module")
-def lm_eval_run(trained_checkpoint, eval_server, shared_data, tmp_path_factory) -> dict:
-    """lm-eval on lmforge_arc_easy (the first 40 items) and lmforge_wikitext (the first 3 articles)."""
+def lm_eval_tasks(eval_server, shared_data, tmp_path_factory) -> Path:
+    """lm-eval task YAML: lmforge_arc_easy and lmforge_wikitext, from our arc_easy and wikitext2 task files."""
     task_dir = tmp_path_factory.mktemp("lm_eval_tasks")
     arc = load_task("arc_easy")
     (task_dir / "lmforge_arc_easy.yaml").write_text(yaml.safe_dump({
@@ -48,17 +49,36 @@ def lm_eval_run(trained_checkpoint, eval_server, shared_data, tmp_path_factory) 
         "task": "lmforge_wikitext", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(docs)}},
         "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
         "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}))
-    with eval_server.client() as client:
-        max_model_len = client.model_info().max_model_len
-    spec = task_dir / "spec.json"
-    spec.write_text(json.dumps({"checkpoint": str(trained_checkpoint), "task_dir": str(task_dir),
-                                "tasks": ["lmforge_arc_easy", "lmforge_wikitext"], "limit": MC_LIMIT,
-                                "max_length": max_model_len - 2}))
-    out = task_dir / "out.json"
-    run = subprocess.run([sys.executable, "-m", "tests.serve.evaluation.lm_eval_reference", str(spec), str(out)],
+    return task_dir
+
+
+def _lm_eval(task_dir: Path, name: str, **spec) -> dict:
+    """Run lm-eval (tests/serve/evaluation/lm_eval_reference.py) in a subprocess on both tasks."""
+    run_dir = task_dir / name
+    run_dir.mkdir()
+    for task in task_dir.glob("*.yaml"):
+        (run_dir / task.name).write_text(task.read_text())
+    spec_file = run_dir / "spec.json"
+    spec_file.write_text(json.dumps({"task_dir": str(run_dir), "tasks": ["lmforge_arc_easy", "lmforge_wikitext"],
+                                     "limit": MC_LIMIT, **spec}))
+    out = run_dir / "out.json"
+    run = subprocess.run([sys.executable, "-m", "tests.serve.evaluation.lm_eval_reference", str(spec_file), str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    return {"max_model_len": max_model_len, **json.loads(out.read_text())}
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def max_model_len(eval_server) -> int:
+    with eval_server.client() as client:
+        return client.model_info().max_model_len
+
+
+@pytest.fixture(scope="module")
+def lm_eval_run(trained_checkpoint, lm_eval_tasks, max_model_len) -> dict:
+    """lm-eval with the checkpoint in-process: arc_easy (the first 40 items), wikitext (the first 3 articles)."""
+    run = _lm_eval(lm_eval_tasks, "hf", checkpoint=str(trained_checkpoint), max_length=max_model_len - 2)
+    return {"max_model_len": max_model_len, **run}
 
 
 def _ours(eval_server, shared_data, tmp_path, task, limit):
@@ -92,3 +112,26 @@ def test_rolling_perplexity_matches_lm_eval(lm_eval_run, eval_server, shared_dat
         assert item["answer"]["logprob"] == pytest.approx(float(sample["resps"][0]), rel=1e-6)
     for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert ours["metrics"][name] == pytest.approx(theirs["results"][f"{name},none"], rel=1e-5)
+
+
+def test_lm_eval_local_completions_on_our_openai_endpoint(lm_eval_run, lm_eval_tasks, eval_server,
+                                                          trained_checkpoint, max_model_len):
+    """lm-eval's `local-completions` (token-id prompts, echo + logprobs) against `lmforge serve --http-port`'s
+    /v1/completions gives what lm-eval's in-process run gives: the same tolerances as above. lm-eval's API models
+    keep one token for generation and one for context (lm_eval/models/api_models.py: max_length - 1, windows of
+    max_length - 2), so max_length = the served context gives the in-process run's windows."""
+    from serve.api.openai_http import OpenAIApi
+
+    api = OpenAIApi(eval_server.backend, eval_server.server.admission)
+    base_url = eval_server.serve_http(api.app()) + "/v1/completions"
+    theirs_api = _lm_eval(lm_eval_tasks, "api", checkpoint=str(trained_checkpoint), base_url=base_url,
+                          model=api.model_name, max_length=max_model_len)
+    hf, served = lm_eval_run["lmforge_arc_easy"], theirs_api["lmforge_arc_easy"]
+    for a, b in zip(served["samples"], hf["samples"]):
+        assert [float(ll) for ll, _ in a["resps"]] == pytest.approx([float(ll) for ll, _ in b["resps"]], abs=1e-4)
+        assert [bool(g) for _, g in a["resps"]] == [bool(g) for _, g in b["resps"]]
+    assert served["results"]["acc,none"] == hf["results"]["acc,none"]
+    assert served["results"]["acc_norm,none"] == hf["results"]["acc_norm,none"]
+    hf, served = lm_eval_run["lmforge_wikitext"], theirs_api["lmforge_wikitext"]
+    for a, b in zip(served["samples"], hf["samples"]):
+        assert float(a["resps"][0]) == pytest.approx(float(b["resps"][0]), rel=1e-6)
