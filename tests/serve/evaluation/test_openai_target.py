@@ -1,5 +1,7 @@
 """OpenAITarget (written against the OpenAI completions API) gives the gRPC target's answers when both reach
-the same server — through an OpenAI-shaped front over gRPC (openai_shim.py); 5xx is retried, 4xx is not."""
+the same server — through lmforge's own OpenAI endpoint (serve/api/openai_http.py) and through a minimal
+OpenAI-shaped front over gRPC (openai_shim.py, a second, independent reading of the API's shapes);
+5xx is retried, 4xx is not."""
 
 from __future__ import annotations
 
@@ -25,15 +27,24 @@ def shim(eval_server):
     front.close()
 
 
+@pytest.fixture(scope="module", params=["openai_http", "shim"])
+def openai_url(request, eval_server, shim) -> str:
+    if request.param == "shim":
+        return shim.url
+    from serve.api.openai_http import OpenAIApi
+
+    return eval_server.serve_http(OpenAIApi(eval_server.backend, eval_server.server.admission).app()) + "/v1"
+
+
 def _run(task, target, data_root, limit, **kw):
     spec = load_task(str(data_root / task))
     return run_task(spec, load_items(spec, DataRoot(data_root), limit=limit), target, retry=FAST, progress=False, **kw)
 
 
 @pytest.mark.parametrize("with_tokenizer", [True, False])
-def test_loglikelihoods_equal_the_grpc_targets(shim, eval_server, data_root, trained_checkpoint, with_tokenizer):
-    openai = OpenAITarget(shim.url, tokenizer=str(trained_checkpoint) if with_tokenizer else None)
-    assert openai.describe()["model"] == shim.info.name  # from GET /v1/models
+def test_loglikelihoods_equal_the_grpc_targets(openai_url, eval_server, data_root, trained_checkpoint, with_tokenizer):
+    openai = OpenAITarget(openai_url, tokenizer=str(trained_checkpoint) if with_tokenizer else None)
+    assert openai.describe()["model"] and openai.describe()["max_model_len"] == 512  # from GET /v1/models
     ours = _run("mc.yaml", openai, data_root, 10)
     grpc = _run("mc.yaml", GrpcTarget(eval_server.target), data_root, 10)
     for a, b in zip(ours.results, grpc.results):
@@ -42,8 +53,8 @@ def test_loglikelihoods_equal_the_grpc_targets(shim, eval_server, data_root, tra
     assert ours.metrics["acc"] == grpc.metrics["acc"] and ours.metrics["acc_norm"] == grpc.metrics["acc_norm"]
 
 
-def test_rolling_and_generation_equal_the_grpc_targets(shim, eval_server, data_root, trained_checkpoint):
-    openai = OpenAITarget(shim.url, tokenizer=str(trained_checkpoint))
+def test_rolling_and_generation_equal_the_grpc_targets(openai_url, eval_server, data_root, trained_checkpoint):
+    openai = OpenAITarget(openai_url, tokenizer=str(trained_checkpoint))
     grpc = GrpcTarget(eval_server.target)
     ppl_openai, ppl_grpc = (_run("ppl.yaml", t, data_root, 6) for t in (openai, grpc))
     for a, b in zip(ppl_openai.results, ppl_grpc.results):
