@@ -27,6 +27,9 @@ examples:
   lmforge pretrain --preset small --data corpus.jsonl --tokenizer tok/ --output-dir runs/small
   lmforge plan --preset base --seq-len 2048 --micro-batch-size 4
   lmforge checkpoint verify runs/small/final
+  lmforge serve --model runs/small/final --port 50051
+  lmforge chat --target 127.0.0.1:50051
+  lmforge eval --target grpc://127.0.0.1:50051 --task arc_easy --data-root ../shared/data
 
 Every subcommand has its own --help with an example.
 """

@@ -25,8 +25,9 @@ from typing import Any
 
 import grpc
 
-from serve.api._gen.lmforge.v1 import (common_pb2, generation_pb2, generation_pb2_grpc, model_pb2, model_pb2_grpc,
-                                       sampling_pb2, scoring_pb2, scoring_pb2_grpc)
+from serve.api._gen.lmforge.v1 import (common_pb2, evaluation_pb2, evaluation_pb2_grpc, generation_pb2,
+                                       generation_pb2_grpc, model_pb2, model_pb2_grpc, sampling_pb2, scoring_pb2,
+                                       scoring_pb2_grpc)
 from serve.api._gen.lmforge.v1.common_pb2 import ChatMessage
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str] | tuple[str, str] | ChatMessage]
@@ -96,6 +97,7 @@ class Client:
         self.generation = generation_pb2_grpc.GenerationStub(self.channel)
         self.scoring = scoring_pb2_grpc.ScoringStub(self.channel)
         self.model = model_pb2_grpc.ModelStub(self.channel)
+        self.evaluation = evaluation_pb2_grpc.EvaluationStub(self.channel)
 
     # -- generation -------------------------------------------------------------------------------------
     def generate(self, prompt: Prompt, *, timeout_s: float | None = None, request_id: str = "", priority: int = 0,
@@ -121,6 +123,30 @@ class Client:
         for text in rolling:
             request.rolling.add(text=text_or_tokens(text))
         return self.scoring.Score(request, **self._call(timeout_s))
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def evaluate(self, *, task_spec: str | None = None, task_file: str | None = None,
+                 items: Sequence[Mapping[str, Any]] = (), data_files: Sequence[str] = (), limit: int | None = None,
+                 max_concurrency: int | None = None, return_items: bool = False, request_id: str = "",
+                 timeout_s: float | None = None) -> Iterator[evaluation_pb2.EvaluateResponse]:
+        """A server-side evaluation job: progress messages, then the result (the last message). Give the task
+        as a task file's text (`task_spec`) or a name (`task_file`); records inline (`items`) or under the
+        server's --data-root (`data_files`, else the task's own `data`)."""
+        from google.protobuf import struct_pb2
+
+        request = evaluation_pb2.EvaluateRequest(data_files=list(data_files), return_items=return_items,
+                                                 request_id=request_id, limit=limit, max_concurrency=max_concurrency)
+        if (task_spec is None) == (task_file is None):
+            raise ValueError("give task_spec (a task file's text) or task_file (a name), not both")
+        if task_spec is not None:
+            request.task_spec = task_spec
+        else:
+            request.task_file = task_file
+        for item in items:
+            struct = struct_pb2.Struct()
+            struct.update(dict(item))
+            request.items.append(struct)
+        return self.evaluation.Evaluate(request, **self._call(timeout_s))
 
     # -- model ------------------------------------------------------------------------------------------
     def model_info(self, *, timeout_s: float | None = None) -> model_pb2.ModelInfo:

@@ -2,4 +2,6 @@
 
 COMMANDS: list[str] = [
     "serve.launch:add_command",
+    "serve.chat:add_command",
+    "serve.evaluation.cli:add_command",
 ]

@@ -46,6 +46,7 @@ class ServeConfig:
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain (with --tls-key: TLS only)"})
     tls_key: str | None = field(default=None, metadata={"help": "PEM private key"})
     grace_s: float = field(default=30.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"})
+    data_root: str | None = field(default=None, metadata={"help": "folder the Evaluation service may read task/data files from (nothing outside it)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 (default: CUDA if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)"})
     kv_cache_memory_bytes: int | None = field(default=None, metadata={"help": "KV cache budget (default 1 GiB)"})
@@ -80,7 +81,8 @@ class ServeConfig:
         return GrpcServerConfig(host=self.host, port=self.port, max_message_bytes=self.max_message_bytes,
                                 max_concurrent_requests=self.max_concurrent_requests,
                                 max_queue_length=self.max_queue_length, auth_token=self.auth_token(),
-                                tls_cert_file=self.tls_cert, tls_key_file=self.tls_key, grace_s=self.grace_s)
+                                tls_cert_file=self.tls_cert, tls_key_file=self.tls_key, grace_s=self.grace_s,
+                                data_root=self.data_root)
 
     def http_config(self) -> Any:
         from serve.api.http_server import HttpConfig

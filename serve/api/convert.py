@@ -20,6 +20,7 @@ MAX_CHAT_MESSAGES = 1024
 MAX_REQUEST_ID_CHARS = 256
 
 SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+_PROTO_SAMPLING_FIELDS = frozenset(f.name for f in sampling_pb2.SamplingParams.DESCRIPTOR.fields)
 _FINISH_REASONS = {
     None: generation_pb2.FINISH_REASON_UNSPECIFIED,
     FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
@@ -52,8 +53,9 @@ def sampling_params(msg: sampling_pb2.SamplingParams) -> SamplingParams:
     if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidRequestError("sampling.stop_token_ids",
                                   f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(msg.stop_token_ids)}")
+    # Only what the proto carries: the engine may know more fields than the API exposes (include_stop_str_in_output).
     kwargs = {name: getattr(msg, name) for name in SAMPLING_FIELDS - {"stop", "stop_token_ids", "ignore_eos"}
-              if msg.HasField(name)}
+              if name in _PROTO_SAMPLING_FIELDS and msg.HasField(name)}
     try:
         return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
                               ignore_eos=msg.ignore_eos, **kwargs)

@@ -30,9 +30,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lifecycle.errors import ConfigError
-from serve.api._gen.lmforge.v1 import generation_pb2, model_pb2, scoring_pb2
+from serve.api._gen.lmforge.v1 import evaluation_pb2, generation_pb2, model_pb2, scoring_pb2
 from serve.api.admission import Admission, ServingState
 from serve.api.auth import BearerTokenInterceptor
+from serve.api.evaluation_service import EvaluationService
 from serve.api.handlers import RpcObserver, service_handler
 from serve.api.services import GenerationService, ModelService, RequestIds, ScoringService
 from serve.backends.base import Backend
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 GENERATION = generation_pb2.DESCRIPTOR.services_by_name["Generation"]
 SCORING = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"]
 MODEL = model_pb2.DESCRIPTOR.services_by_name["Model"]
-SERVICE_NAMES = tuple(s.full_name for s in (GENERATION, SCORING, MODEL))
+EVALUATION = evaluation_pb2.DESCRIPTOR.services_by_name["Evaluation"]
+SERVICE_NAMES = tuple(s.full_name for s in (GENERATION, SCORING, MODEL, EVALUATION))
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class GrpcServerConfig:
     tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file: TLS only
     tls_key_file: str | None = None
     grace_s: float = 30.0  # on shutdown, how long in-flight RPCs may run on
+    data_root: str | None = None  # Evaluate may read data/task files under this folder only; None: no files
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,6 +78,8 @@ class GrpcServerConfig:
         for flag, path in (("--tls-cert", self.tls_cert_file), ("--tls-key", self.tls_key_file)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{flag}: {path} is not a readable file")
+        if self.data_root is not None and not Path(self.data_root).is_dir():
+            raise ConfigError(f"--data-root: {self.data_root} is not a directory")
 
     @property
     def uses_tls(self) -> bool:
@@ -113,6 +118,8 @@ class GrpcServer:
             service_handler(SCORING, ScoringService(self.backend, ids), self.admission, model_bound={"Score"},
                             observe=observe),
             service_handler(MODEL, ModelService(self.backend, self._version), self.admission, observe=observe),
+            service_handler(EVALUATION, EvaluationService(self.backend, cfg.data_root, ids), self.admission,
+                            model_bound={"Evaluate"}, observe=observe),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
