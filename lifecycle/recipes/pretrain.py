@@ -46,7 +46,7 @@ class PretrainConfig:
     preset: str = field(default="small", metadata={"help": "model size for training from scratch: tiny, small, base, 1b"})
     model_config: str | None = field(default=None, metadata={"help": "YAML/JSON of model fields overriding the preset"})
     init_from: str | None = field(default=None, metadata={"help": "checkpoint to continue pretraining from (ours or a plain HF Llama/Qwen2 dir)"})
-    distill_from: str | None = field(default=None, metadata={"help": "frozen teacher checkpoint (same tokenizer): train on KL(teacher || student), e.g. a speculative-decoding draft of its target"})
+    distill_from: str | None = field(default=None, metadata={"help": "frozen teacher checkpoint (same tokenizer): train on KL(teacher || student), e.g. to make a speculative-decoding draft of that target"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of teacher and student in the distillation term"})
     distill_alpha: float = field(default=0.0, metadata={"help": "weight of the usual next-token cross-entropy; 1 - alpha weights the distillation term"})
     output_dir: str = field(default="runs/pretrain", metadata={"help": "run directory: checkpoints/, final/, metrics.jsonl, loss_curve.png"})
