@@ -280,6 +280,9 @@ def add_command(sub: Any) -> None:
     from serve.bench_engine import add_action  # the engine's workloads live with the engine
 
     add_action(actions)
+    from lifecycle.draft_agreement import add_action as add_draft_action
+
+    add_draft_action(actions)
 
 
 def _run_pretrain(args: Any) -> int:

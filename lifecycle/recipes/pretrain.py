@@ -30,6 +30,8 @@ import torch
 
 from lifecycle.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from lifecycle.errors import ConfigError, DataError, LmforgeError
+from lifecycle.plots import plot_loss_curve
+from lifecycle.recipes.distill import Teacher
 from lifecycle.train_state import STATE_DIR, load_train_state, save_train_state
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -44,6 +46,9 @@ class PretrainConfig:
     preset: str = field(default="small", metadata={"help": "model size for training from scratch: tiny, small, base, 1b"})
     model_config: str | None = field(default=None, metadata={"help": "YAML/JSON of model fields overriding the preset"})
     init_from: str | None = field(default=None, metadata={"help": "checkpoint to continue pretraining from (ours or a plain HF Llama/Qwen2 dir)"})
+    distill_from: str | None = field(default=None, metadata={"help": "frozen teacher checkpoint (same tokenizer): train on KL(teacher || student), e.g. to make a speculative-decoding draft of that target"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of teacher and student in the distillation term"})
+    distill_alpha: float = field(default=0.0, metadata={"help": "weight of the usual next-token cross-entropy; 1 - alpha weights the distillation term"})
     output_dir: str = field(default="runs/pretrain", metadata={"help": "run directory: checkpoints/, final/, metrics.jsonl, loss_curve.png"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed sequence"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass per process"})
@@ -88,6 +93,9 @@ class PretrainConfig:
         for name in ("eval_every", "save_every", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.distill_temperature <= 0 or not 0 <= self.distill_alpha <= 1:
+            raise ConfigError(f"--distill-temperature must be > 0 and --distill-alpha in [0, 1], got "
+                              f"{self.distill_temperature} and {self.distill_alpha}")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
             raise ConfigError(f"--stop-at-step must be in (0, --max-steps], got {self.stop_at_step}")
         if not self.data:
@@ -97,6 +105,8 @@ class PretrainConfig:
         """Fields that must not change between a run and its resume (they shape the loss curve)."""
         keep = ("seq_len", "global_batch_size", "max_steps", "learning_rate", "min_lr_ratio", "warmup_steps",
                 "weight_decay", "beta1", "beta2", "seed", "preset", "model_config", "init_from")
+        if self.distill_from:  # only then, so runs from before distillation existed still resume
+            keep += ("distill_from", "distill_temperature", "distill_alpha")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -323,6 +333,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     else:
         model = _build_model(cfg, tokenizer, parent)
     model.config.use_cache = False
+    teacher = Teacher.load(cfg.distill_from, tok_dir, model.config.vocab_size, cfg.distill_temperature,
+                           cfg.distill_alpha, resumed=resume) if cfg.distill_from else None
+    distilled = {"distilled_from": teacher.manifest_entry()} if teacher else {}  # goes into every manifest
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -338,6 +351,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     autocast = accelerator.autocast
+    if teacher is not None:
+        teacher.to(device)
     metrics_path = out / "metrics.jsonl"
     if is_main:
         _truncate_metrics(metrics_path, start_step)
@@ -362,7 +377,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             sync = micro == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, autocast():
-                loss = model(input_ids=ids, labels=ids).loss / accum
+                fwd = model(input_ids=ids, labels=ids)
+                loss = (fwd.loss if teacher is None else teacher.loss(fwd.logits, fwd.loss, ids)) / accum
                 accelerator.backward(loss)
             step_loss += loss.detach()
         if cfg.grad_clip > 0:
@@ -401,7 +417,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                             **({"eval": f"{last_eval['eval_loss']:.3f}"} if last_eval else {}))
         if (cfg.save_every and done % cfg.save_every == 0) or done == stop:
             _save_step(accelerator, model, optimizer, scheduler, tokenizer, cfg, data, parent, out, done,
-                       tokens_seen)
+                       tokens_seen, distilled)
     if bar is not None:
         bar.close()
 
@@ -417,16 +433,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
         metrics = {"steps": cfg.max_steps, "tokens_seen": tokens_seen} | last_eval
         save_checkpoint(final, unwrapped, tokenizer, recipe="pretrain", recipe_config=dataclasses.asdict(cfg),
                         parent=parent, dataset_manifest_hash=data.manifest_hash, metrics=metrics,
-                        extra={"schedule_key": cfg.schedule_key(), "world_size": world, "precision": precision},
+                        extra={"schedule_key": cfg.schedule_key(), "world_size": world, "precision": precision,
+                               **distilled},
                         overwrite=True)
-        plot_metrics(metrics_path, out / "loss_curve.png", title=f"pretrain {out.name}")
+        plot_loss_curve(metrics_path, out / "loss_curve.png", title=f"pretrain {out.name}")
         print(f"final checkpoint: {final}", flush=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def _save_step(accelerator, model, optimizer, scheduler, tokenizer, cfg, data, parent, out: Path, step: int,
-               tokens_seen: int) -> None:
+               tokens_seen: int, distilled: dict[str, Any]) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         target = out / "checkpoints" / f"step-{step:07d}"
@@ -439,7 +456,7 @@ def _save_step(accelerator, model, optimizer, scheduler, tokenizer, cfg, data, p
         save_checkpoint(target, unwrapped, tokenizer, recipe="pretrain", recipe_config=dataclasses.asdict(cfg),
                         parent=parent, dataset_manifest_hash=data.manifest_hash,
                         metrics={"step": step, "tokens_seen": tokens_seen},
-                        extra={"schedule_key": cfg.schedule_key(), "resumable": True},
+                        extra={"schedule_key": cfg.schedule_key(), "resumable": True, **distilled},
                         write_extra_files=write_state, overwrite=True)
         steps = sorted((p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")),
                        key=lambda p: p.name)
@@ -456,24 +473,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in lines))
     os.replace(tmp, path)
-
-
-def plot_metrics(metrics_path: Path, png_path: Path, title: str) -> None:
-    """Training loss per step and held-out loss where evaluated."""
-    from lifecycle.plots import new_figure, save_figure
-
-    records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    fig, ax = new_figure(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
-    evals = [r for r in records if "eval_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, png_path)
 
 
 # -------------------------------------------------------------------------------------------- CLI

@@ -13,9 +13,25 @@ def test_demo_pipeline_and_cache(tmp_path, capsys):
     target, draft = load_checkpoint(art.target), load_checkpoint(art.draft)
     assert target.load_tokenizer().get_vocab() == draft.load_tokenizer().get_vocab()  # speculative decoding needs it
     assert target.manifest["recipe"] == "pretrain" and target.manifest["dataset_manifest_hash"]
+    assert draft.manifest["extra"]["distilled_from"]["manifest_sha256"] == target.manifest_sha256()
     assert (art.target.parent / "loss_curve.png").is_file()
     capsys.readouterr()
     again = build_demo(tmp_path, cfg, progress=False)
     out = capsys.readouterr().out
     assert again.target == art.target
     assert "checkpoint cached" in out and "pretraining" not in out and "tokenizer" not in out.split("cached")[0]
+
+
+def test_draft_of_a_rebuilt_target_is_retrained(tmp_path, capsys):
+    import shutil
+
+    cfg = DemoConfig(vocab_size=512, seq_len=32, target_preset="tiny", target_steps=2, draft_steps=2,
+                     micro_batch_size=2, global_batch_size=2)
+    art = build_demo(tmp_path, cfg, progress=False)
+    shutil.rmtree(art.target.parent)  # the target is rebuilt (its manifest gets a new timestamp and hash)
+    capsys.readouterr()
+    build_demo(tmp_path, cfg, progress=False)
+    out = capsys.readouterr().out
+    assert "distilled from another build of the target" in out and "distilling the draft" in out
+    target, draft = load_checkpoint(art.target), load_checkpoint(art.draft)
+    assert draft.manifest["extra"]["distilled_from"]["manifest_sha256"] == target.manifest_sha256()
