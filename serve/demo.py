@@ -107,12 +107,15 @@ def serve_chat_and_evaluate(checkpoint: Path, heldout_file: Path, work_dir: Path
     if shared is not None:
         tasks.append("arc_easy")
     with running_server(checkpoint) as address:
-        print_fn(f"\nserving {checkpoint} on {address} (gRPC); a short chat (sampled with seed 0; the model is "
+        print_fn(f"\nserving {checkpoint} on {address} (gRPC); a short chat (sampled, seeded; the model is "
                  "pretrained only, not instruction-tuned):")
         with Client(address, timeout_s=120) as client:
             session = ChatSession(client, system="You explain the Python standard library.", max_tokens=32,
                                   temperature=0.8, top_p=0.95, seed=0)
-            for turn in CHAT_TURNS:
+            for seed, turn in enumerate(CHAT_TURNS):
+                # A seed per turn: one seed for all would draw the same noise each turn, and a barely trained
+                # model's distributions differ too little between turns to give different replies.
+                session.sampling["seed"] = seed
                 reply = session.send(turn, lambda _: None)
                 print_fn(f"  you> {turn}\n  assistant> {reply.strip()!r}")
         print_fn(f"\nevaluating through the server (lmforge eval, first {NUM_EVAL_ITEMS} items per task"

@@ -78,9 +78,9 @@ def evaluate(cfg: EvalConfig, *, print_fn: Any = print) -> dict[str, Any]:
     from serve.evaluation.data_root import DataRoot
     from serve.evaluation.dataset import load_items
     from serve.evaluation.report import build_report, format_table, write_report
-    from serve.evaluation.retry import RetryPolicy
+    from serve.evaluation.retry import RetryPolicy, call_with_retries
     from serve.evaluation.runner import run_task
-    from serve.evaluation.target import open_target
+    from serve.evaluation.target import TargetError, TransientError, open_target
     from serve.evaluation.task import load_task
 
     specs = [load_task(t) for t in cfg.task]
@@ -97,7 +97,10 @@ def evaluate(cfg: EvalConfig, *, print_fn: Any = print) -> dict[str, Any]:
     target = open_target(cfg.target, token=cfg.token(), tokenizer=cfg.tokenizer, model=cfg.model,
                          max_length=cfg.max_length, timeout_s=cfg.timeout_s)
     try:
-        description = target.describe()
+        try:  # a server still starting answers UNAVAILABLE for a while: the same retries as any request
+            description = call_with_retries(target.describe, RetryPolicy(max_attempts=cfg.max_attempts))
+        except TransientError as err:
+            raise TargetError(f"cannot reach {cfg.target}: {err}") from None
         runs = []
         for spec, items in task_items:
             run = run_task(spec, items, target, cache=cache, concurrency=cfg.concurrency,

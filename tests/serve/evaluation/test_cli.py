@@ -104,6 +104,18 @@ def test_missing_column_fails_before_any_request(eval_server, data_root, tmp_pat
     assert not (tmp_path / "r.json").exists()
 
 
+def test_an_unreachable_server_is_one_clear_line(data_root, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = main(["eval", "--target", f"grpc://127.0.0.1:{port}", "--task", str(data_root / "mc.yaml"),
+                 "--max-attempts", "2", "--timeout-s", "5", "--output", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot reach grpc://127.0.0.1:{port}" in err and "UNAVAILABLE" in err, err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["eval", "--task", "arc_easy"], "--target"),
     (["eval", "--target", "grpc://127.0.0.1:1"], "--task"),
