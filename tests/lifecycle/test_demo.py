@@ -13,7 +13,9 @@ def test_demo_pipeline_and_cache(tmp_path, capsys):
     target, draft = load_checkpoint(art.target), load_checkpoint(art.draft)
     assert target.load_tokenizer().get_vocab() == draft.load_tokenizer().get_vocab()  # speculative decoding needs it
     assert target.manifest["recipe"] == "pretrain" and target.manifest["dataset_manifest_hash"]
-    assert draft.manifest["extra"]["distilled_from"]["manifest_sha256"] == target.manifest_sha256()
+    distilled_from = draft.manifest["extra"]["distilled_from"]
+    assert distilled_from["manifest_sha256"] == target.manifest_sha256()
+    assert distilled_from["temperature"] == cfg.draft_distill_temperature
     assert (art.target.parent / "loss_curve.png").is_file()
     capsys.readouterr()
     again = build_demo(tmp_path, cfg, progress=False)
