@@ -108,6 +108,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k = _gather_blocks(k_cache, table, bs)[:slen].transpose(0, 1)  # (kv_heads, slen, head_dim)
         v = _gather_blocks(v_cache, table, bs)[:slen].transpose(0, 1)  # (kv_heads, slen, head_dim)
         qi = q[start:start + qlen].transpose(0, 1)  # (heads, qlen, head_dim)
+        # 4-D (batch of one): torch's CPU SDPA takes its fused flash kernel for 4-D inputs and the slower
+        # math path for 3-D ones (2x per call on a 128-token prompt here).
+        qi, k, v = qi[None], k[None], v[None]  # (1, heads or kv_heads, len, head_dim)
         if qlen == slen:  # a whole prompt in one chunk: plain causal
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
         elif qlen == 1:  # one new token sees everything before it
@@ -116,7 +119,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q_pos = torch.arange(slen - qlen, slen, device=q.device)  # (qlen,)
             mask = torch.arange(slen, device=q.device)[None, :] <= q_pos[:, None]  # (qlen, slen)
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:start + qlen] = o.transpose(0, 1)  # (qlen, heads, head_dim)
+        out[start:start + qlen] = o[0].transpose(0, 1)  # (qlen, heads, head_dim)
     return out
 
 

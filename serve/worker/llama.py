@@ -138,6 +138,18 @@ class LlamaDecoder:
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_pos, head_dim)
         self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # The kernels' one-call forward for steps of few rows reads the weights through their addresses;
+        # self.layers keeps the tensors alive (and unmoved: nothing reassigns them after this point).
+        self._layer_ptrs = None
+        if self.kernels is not None and all(_is_plain_f32(w) for layer in self.layers for w in
+                                            (layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up,
+                                             layer.down)):
+            self._layer_ptrs = torch.tensor([[layer.input_norm.data_ptr(), layer.qkv.data_ptr(),
+                                              layer.qkv_bias.data_ptr() if layer.qkv_bias is not None else 0,
+                                              layer.o.data_ptr(), layer.post_norm.data_ptr(),
+                                              layer.gate_up.data_ptr(), layer.down.data_ptr()]
+                                             for layer in self.layers], dtype=torch.int64)
+        self._kv_ptrs: tuple[list, torch.Tensor] | None = None  # (the kv_caches list, its addresses)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
@@ -207,6 +219,14 @@ class LlamaDecoder:
         eps, inter = cfg.rms_norm_eps, cfg.intermediate_size
         few_rows = input_ids.shape[0] <= cpu_kernels.MAX_SMALL_M
         x = self.embed[input_ids]  # (T, hidden), a copy: updated in place below
+        if few_rows and self._layer_ptrs is not None and len(meta.kernel_seqs) == len(meta.query_lens):
+            return kern.forward_few_rows(
+                x, self._layer_ptrs, self._kv_pointers(kv_caches), num_heads=cfg.num_heads,
+                num_kv_heads=cfg.num_kv_heads, head_dim=hd, intermediate_size=inter, eps=eps, cos=self.rope_cos,
+                sin=self.rope_sin, positions=positions, slots=meta.slot_mapping, block_tables=meta.kernel_block_tables,
+                query_starts=meta.kernel_query_starts, query_lens=meta.kernel_query_lens,
+                seq_lens=meta.kernel_seq_lens, block_size=meta.block_size, scale=self.scale,
+                final_norm=self.final_norm)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = kern.rms_norm(x, layer.input_norm, eps)
             qkv = self._linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
@@ -226,6 +246,20 @@ class LlamaDecoder:
                 x.addmm_(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.down.t())
         return kern.rms_norm(x, self.final_norm, eps)
 
+    def _kv_pointers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """(num_layers, 2) addresses of the caches, built once per caches list (the runner keeps one)."""
+        if self._kv_ptrs is None or self._kv_ptrs[0] is not kv_caches:
+            for k_cache, v_cache in kv_caches:
+                if not (_is_plain_f32(k_cache) and _is_plain_f32(v_cache)):
+                    raise ValueError("the CPU kernels need contiguous fp32 KV caches on the CPU")
+            self._kv_ptrs = (kv_caches, torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in kv_caches],
+                                                     dtype=torch.int64))
+        return self._kv_ptrs[1]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) -> (rows, vocab) in fp32 (sampling and logprobs want full precision)."""
         return self._linear(hidden, self.lm_head).float()
+
+
+def _is_plain_f32(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()

@@ -61,6 +61,9 @@ class CpuKernels:
         self._rope = bind("lmf_rope_inplace_f32", _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int)
         self._silu_mul = bind("lmf_silu_mul_f32", _ptr, _ptr, _i64, _i64, _int)
         self._write_kv = bind("lmf_write_kv_f32", _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr)
+        self._forward_few_rows = bind("lmf_forward_few_rows_f32", _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64,
+                                      _i64, _i64, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
+                                      _i64, _f32, _ptr, _ptr, _ptr, _int)
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, query_starts: torch.Tensor, query_lens: torch.Tensor,
@@ -147,6 +150,34 @@ class CpuKernels:
             raise ValueError(f"write_kv: qkv {tuple(qkv.shape)} does not hold K/V of width {width}")
         self._write_kv(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), k_offset, v_offset, width, k_cache.data_ptr(),
                        v_cache.data_ptr(), slots.data_ptr())
+
+
+    def forward_few_rows(self, x: torch.Tensor, layer_ptrs: torch.Tensor, kv_ptrs: torch.Tensor, *, num_heads: int,
+                         num_kv_heads: int, head_dim: int, intermediate_size: int, eps: float, cos: torch.Tensor,
+                         sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                         query_starts: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor,
+                         block_size: int, scale: float, final_norm: torch.Tensor) -> torch.Tensor:
+        """Every layer and the final norm in one call, for a step of at most MAX_SMALL_M rows whose sequences all
+        attend in the kernel. x: (rows, hidden), the embeddings, updated in place (the residual stream);
+        layer_ptrs (num_layers, 7) and kv_ptrs (num_layers, 2) int64 addresses (`LlamaDecoder` builds them from
+        tensors it keeps alive). Returns the final hidden states (rows, hidden)."""
+        _check_f32(x, cos, sin, final_norm)
+        _check_i64(layer_ptrs, kv_ptrs, positions, slots, block_tables, query_starts, query_lens, seq_lens)
+        rows, hidden = x.shape
+        num_layers = layer_ptrs.shape[0]
+        if layer_ptrs.shape != (num_layers, 7) or kv_ptrs.shape != (num_layers, 2) or len(positions) != rows \
+                or len(slots) != rows or int(query_lens.sum()) != rows:
+            raise ValueError(f"forward_few_rows: {rows} rows do not fit the layer/KV tables or the step layout")
+        num_q, num_kv = num_heads * head_dim, num_kv_heads * head_dim
+        scratch = x.new_empty(rows * (hidden + num_q + 2 * num_kv + num_q + 3 * intermediate_size))
+        out = x.new_empty((rows, hidden))
+        self._forward_few_rows(x.data_ptr(), rows, hidden, num_layers, layer_ptrs.data_ptr(), kv_ptrs.data_ptr(),
+                               num_heads, num_kv_heads, head_dim, intermediate_size, eps, cos.data_ptr(),
+                               sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
+                               query_starts.data_ptr(), query_lens.data_ptr(), seq_lens.data_ptr(),
+                               block_tables.shape[0], block_tables.shape[1], block_size, scale, final_norm.data_ptr(),
+                               scratch.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
 
 
 def _check_rows(t: torch.Tensor) -> None:

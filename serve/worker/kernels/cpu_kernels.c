@@ -219,3 +219,48 @@ void lmf_write_kv_f32(const float* qkv, int64_t rows, int64_t row_stride, int64_
     memcpy(v_cache + slots[r] * kv_width, qkv + r * row_stride + v_offset, sizeof(float) * (size_t)kv_width);
   }
 }
+
+/* The whole decoder for a step of few rows (decode of one or a few sequences, speculative verification, a
+ * draft model's passes) in one call: per token, eager PyTorch pays ~30 operator dispatches per layer and our
+ * Python wrappers ~10, which is most of a small model's single-stream time on a CPU. Same math, same order as
+ * LlamaDecoder._forward_kernels (serve/worker/llama.py), so both paths agree to the last bit.
+ *   x:           (rows, hidden) the embeddings on entry, the residual stream after (updated in place)
+ *   layer_ptrs:  (num_layers, 7) addresses of input_norm, qkv, qkv_bias (0: none), o, post_norm, gate_up, down
+ *   kv_ptrs:     (num_layers, 2) addresses of each layer's k_cache and v_cache
+ *   scratch:     rows * (hidden + qkv_width + num_heads * head_dim + 3 * inter) floats
+ *   out:         (rows, hidden) the final RMSNorm of x
+ * Attention arguments as lmf_paged_attention_f32, covering every row. */
+void lmf_forward_few_rows_f32(float* x, int64_t rows, int64_t hidden, int64_t num_layers, const int64_t* layer_ptrs,
+                              const int64_t* kv_ptrs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                              int64_t inter, float eps, const float* cos_table, const float* sin_table,
+                              const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
+                              const int64_t* query_starts, const int64_t* query_lens, const int64_t* seq_lens,
+                              int64_t num_seqs, int64_t max_blocks, int64_t block_size, float scale,
+                              const float* final_norm, float* scratch, float* out, int num_threads) {
+  const int64_t num_q = num_heads * head_dim, num_kv = num_kv_heads * head_dim, qkv_width = num_q + 2 * num_kv;
+  float* h = scratch;                  /* (rows, hidden) */
+  float* qkv = h + rows * hidden;      /* (rows, qkv_width) */
+  float* attn = qkv + rows * qkv_width; /* (rows, num_q) */
+  float* gate_up = attn + rows * num_q; /* (rows, 2 * inter) */
+  float* act = gate_up + rows * 2 * inter; /* (rows, inter) */
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const int64_t* p = layer_ptrs + 7 * l;
+    float* k_cache = (float*)(intptr_t)kv_ptrs[2 * l];
+    float* v_cache = (float*)(intptr_t)kv_ptrs[2 * l + 1];
+    lmf_rms_norm_f32(x, (const float*)(intptr_t)p[0], h, rows, hidden, eps, num_threads);
+    lmf_linear_small_m_f32(h, (const float*)(intptr_t)p[1], (const float*)(intptr_t)p[2], qkv, rows, qkv_width,
+                           hidden, 0, num_threads);
+    lmf_rope_inplace_f32(qkv, rows, qkv_width, num_heads + num_kv_heads, head_dim, cos_table, sin_table, positions,
+                         num_threads);
+    lmf_write_kv_f32(qkv, rows, qkv_width, num_q, num_q + num_kv, num_kv, k_cache, v_cache, slots);
+    lmf_paged_attention_f32(qkv, qkv_width, k_cache, v_cache, block_tables, query_starts, query_lens, seq_lens,
+                            num_seqs, max_blocks, rows, num_heads, num_kv_heads, head_dim, block_size, scale, attn,
+                            num_threads);
+    lmf_linear_small_m_f32(attn, (const float*)(intptr_t)p[3], NULL, x, rows, hidden, num_q, 1, num_threads);
+    lmf_rms_norm_f32(x, (const float*)(intptr_t)p[4], h, rows, hidden, eps, num_threads);
+    lmf_linear_small_m_f32(h, (const float*)(intptr_t)p[5], NULL, gate_up, rows, 2 * inter, hidden, 0, num_threads);
+    lmf_silu_mul_f32(gate_up, act, rows, inter, num_threads);
+    lmf_linear_small_m_f32(act, (const float*)(intptr_t)p[6], NULL, x, rows, hidden, inter, 1, num_threads);
+  }
+  lmf_rms_norm_f32(x, final_norm, out, rows, hidden, eps, num_threads);
+}

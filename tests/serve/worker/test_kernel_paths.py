@@ -33,3 +33,40 @@ def test_kernels_and_torch_ops_agree(trained_checkpoint):
     sampled = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
     assert ([o.outputs[0].token_ids for o in engines[True].generate(PROMPTS, sampled)]
             == [o.outputs[0].token_ids for o in engines[False].generate(PROMPTS, sampled)])
+
+
+def test_one_call_forward_equals_the_per_op_kernel_path(trained_checkpoint):
+    """Steps of few rows run every layer in one C call (lmf_forward_few_rows_f32); it performs the per-op kernel
+    path's operations in the same order, so hidden states agree bit for bit: single decode, two sequences,
+    speculative-style multi-token chunks after cached context."""
+    from serve.worker import kernels as cpu_kernels
+    from serve.worker.model_runner import ModelRunner
+
+    runner = ModelRunner(trained_checkpoint, device="cpu", dtype=torch.float32, num_blocks=64, block_size=4)
+    model = runner.model
+    if model.kernels is None:
+        import pytest
+
+        pytest.skip(f"no CPU kernels here: {model.kernel_path}")
+    assert model._layer_ptrs is not None
+    calls = {"n": 0}
+    real = model.kernels.forward_few_rows
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    model.kernels.forward_few_rows = counting
+    tables = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    prompt_a, prompt_b = list(range(20, 33)), list(range(40, 47))
+    runner.forward([(prompt_a, 0), (prompt_b, 0)], tables)  # prefill: 20 rows, the per-op path
+    assert calls["n"] == 0
+    steps = [[([7], 13)], [([7], 13), ([9], 7)], [([7, 8, 9], 13), ([9, 10], 7)]]  # (new ids, first position)
+    for chunks in steps:
+        assert sum(len(ids) for ids, _ in chunks) <= cpu_kernels.MAX_SMALL_M
+        fused, _ = runner.forward(chunks, tables[:len(chunks)])
+        ptrs, model._layer_ptrs = model._layer_ptrs, None  # the same step on the per-op path
+        per_op, _ = runner.forward(chunks, tables[:len(chunks)])
+        model._layer_ptrs = ptrs
+        assert torch.equal(fused, per_op)
+    assert calls["n"] == len(steps)
