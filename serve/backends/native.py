@@ -39,12 +39,12 @@ class NativeBackend:
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        from serve.backends.observed_engine import ObservedEngine
         from serve.engine.async_engine import AsyncEngine
+        from serve.engine.llm_engine import LLMEngine
 
-        self.llm_engine = await asyncio.to_thread(ObservedEngine, self.config, self._publish_stats)
+        self.llm_engine = await asyncio.to_thread(LLMEngine, self.config)
         self._tokenizer = await asyncio.to_thread(self.llm_engine.checkpoint.load_tokenizer)
-        self._async = AsyncEngine(self.llm_engine)
+        self._async = AsyncEngine(self.llm_engine, on_stats=self._publish_stats)
         eos = sorted(self.llm_engine.eos_token_ids)
         # lm-eval scores a text's first token after the end-of-text token (its `prefix_token_id`).
         prefix = self._tokenizer.eos_token_id if self._tokenizer.eos_token_id is not None else eos[0]

@@ -9,6 +9,12 @@ of the caller that is streaming that request. Callers never touch the engine dir
 
 Leaving the loop early (break, an exception, the task cancelled, a client gone) aborts the request
 in the engine, which frees its KV blocks on the engine thread's next turn.
+
+Every stream ends with a finished RequestOutput, whatever happens: a step that raises ends the requests
+in flight with finish reason ERROR (the engine keeps serving new ones), and `shutdown()` ends the ones
+still running with ABORT, so no caller waits forever. `on_stats` receives every EngineStats snapshot
+(after each step, and after commands that change the engine while it is idle, such as an abort), on the
+engine thread: it must be quick and must not raise.
 """
 
 from __future__ import annotations
@@ -20,8 +26,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+from collections.abc import Callable
+
 from serve.engine.llm_engine import LLMEngine
-from serve.types import EngineStats, RequestOutput, SamplingParams
+from serve.types import EngineStats, FinishReason, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
 
 _DONE = object()
 
@@ -43,11 +54,14 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_stats: Callable[[EngineStats], None] | None = None) -> None:
         self.engine = engine
+        self._on_stats = on_stats
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats: EngineStats = engine.stats()
+        self._stale = False  # the engine changed outside a step (add, abort) since the last snapshot
+        self._publish(self._stats)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
         self._thread.start()
@@ -81,10 +95,12 @@ class AsyncEngine:
         self._commands.put(_Abort(request_id))
 
     def stats(self) -> EngineStats:
-        """The latest step's snapshot (gauges and cumulative counters; finished requests of that step)."""
+        """The latest snapshot (gauges and cumulative counters; the requests finished in that step only: use
+        `on_stats` to see every finished request)."""
         return self._stats
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the engine thread; requests still running end with finish reason ABORT."""
         self._stopped.set()
         self._commands.put(None)
         self._thread.join(timeout_s)
@@ -101,18 +117,33 @@ class AsyncEngine:
             except queue.Empty:
                 pass
             if not self.engine.has_unfinished_requests():
+                if self._stale:  # e.g. the last request aborted: its blocks are free now, say so now
+                    self._refresh_stats()
                 continue
             try:
                 outputs = self.engine.step()
             except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
-                self._fail_all(err)
+                self._end_all(FinishReason.ERROR, err)
                 continue
-            self._stats = self.engine.stats()
+            self._refresh_stats()
             for out in outputs:
                 if out.request_id in self._sinks:
                     self._deliver(out.request_id, out)
                     if out.finished:
                         self._sinks.pop(out.request_id, None)
+        self._end_all(FinishReason.ABORT)  # shutdown: nobody may wait for a step that will not come
+
+    def _refresh_stats(self) -> None:
+        self._stale = False
+        self._stats = self.engine.stats()
+        self._publish(self._stats)
+
+    def _publish(self, stats: EngineStats) -> None:
+        if self._on_stats is not None:
+            try:
+                self._on_stats(stats)
+            except Exception:  # noqa: BLE001 - metrics must never stop the engine
+                log.exception("on_stats callback failed")
 
     def _deliver(self, request_id: str, item: Any) -> None:
         """Hand an item to the request's event loop; a closed loop means the caller is gone: abort."""
@@ -121,13 +152,13 @@ class AsyncEngine:
             loop.call_soon_threadsafe(sink.put_nowait, item)
         except RuntimeError:  # "Event loop is closed"
             self._sinks.pop(request_id, None)
-            self.engine.abort_request(request_id)
+            self._stale = self.engine.abort_request(request_id) or self._stale
 
     def _apply(self, command: Any) -> None:
         if command is None:
             return
         if isinstance(command, _Abort):
-            self.engine.abort_request(command.request_id)
+            self._stale = self.engine.abort_request(command.request_id) or self._stale
             if command.request_id in self._sinks:
                 self._deliver(command.request_id, _DONE)
                 self._sinks.pop(command.request_id, None)
@@ -141,6 +172,7 @@ class AsyncEngine:
                 pass
             return
         self._sinks[command.request_id] = (command.loop, command.sink)
+        self._stale = True
         self._deliver_admission(command)
 
     def _deliver_admission(self, command: _Add) -> None:
@@ -148,13 +180,21 @@ class AsyncEngine:
             command.loop.call_soon_threadsafe(_set_result, command.admitted, None)
         except RuntimeError:
             self._sinks.pop(command.request_id, None)
-            self.engine.abort_request(command.request_id)
+            self._stale = self.engine.abort_request(command.request_id) or self._stale
 
-    def _fail_all(self, err: Exception) -> None:
-        for request_id in list(self._sinks):
-            self.engine.abort_request(request_id)
-            self._deliver(request_id, RuntimeError(f"engine step failed: {err}"))
-        self._sinks.clear()
+    def _end_all(self, reason: FinishReason, err: Exception | None = None) -> None:
+        """End every request in flight with `reason` (ERROR: the step raised `err`; the engine cannot tell
+        whose request caused it, so all of that step's requests fail and later ones are served normally)."""
+        if err is not None:
+            log.error("engine step failed; ending %d request(s) with finish reason error: %r", len(self._sinks), err,
+                      exc_info=err)
+        finals = {request_id: self.engine.finish_request(request_id, reason) for request_id in list(self._sinks)}
+        for request_id in self.engine.unfinished_request_ids():  # left without a stream: their callers left
+            self.engine.finish_request(request_id, reason)
+        self._refresh_stats()  # before the streams hear of it, as after a step
+        for request_id, final in finals.items():
+            self._deliver(request_id, final if final is not None else _DONE)
+            self._sinks.pop(request_id, None)
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

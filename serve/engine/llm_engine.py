@@ -160,17 +160,30 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks; False if it is unknown or already finished."""
-        seqs = self._seqs.pop(request_id, None)
+        return self.finish_request(request_id, FinishReason.ABORT) is not None
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> RequestOutput | None:
+        """End a request from outside the step loop (ABORT: the client went away; ERROR: a step failed under
+        it) and free its KV blocks now. Returns its last delta, finished with `reason` on every completion
+        still running, for whoever streams it; None if the request is unknown or already finished."""
+        seqs = self._seqs.get(request_id)
         if seqs is None:
-            return False
+            return None
         self.prompt_sharing.discard(seqs[0])
+        deltas = {}
         for seq in seqs:
             if not seq.is_finished:
-                self._finish(seq, FinishReason.ABORT)
-        return True
+                self._finish(seq, reason)
+                deltas[seq.index] = CompletionOutput(index=seq.index, finish_reason=reason)
+        out = self._request_output(request_id, deltas)  # forgets the request: every completion has finished
+        self._seqs.pop(request_id, None)
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._seqs)
 
     # ------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
@@ -222,9 +235,12 @@ class LLMEngine:
         return [merge_outputs(merged[rid]) if merged[rid] else empty_output(rid) for rid in ids]
 
     def stats(self) -> EngineStats:
+        """A snapshot for metrics. It hands over (and forgets) the requests finished since the last call, so
+        one consumer owns it: AsyncEngine calls it after every step and passes each snapshot to `on_stats`."""
         finished, self._finished_stats = self._finished_stats, []
         pc, spec = self.kv.prefix_cache_stats, self.speculator
-        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+        return EngineStats(num_running=len(self.scheduler.running),
+                           num_waiting=len(self.scheduler.waiting) + self.prompt_sharing.num_waiting,
                            kv_cache_usage=self.kv.usage, num_preemptions_total=self.scheduler.num_preemptions_total,
                            num_prompt_tokens_total=self.num_prompt_tokens_total,
                            num_generation_tokens_total=self.num_generation_tokens_total,

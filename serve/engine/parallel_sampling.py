@@ -96,6 +96,11 @@ class PromptSharing:
             self.scheduler.add_running(sibling)
             self.num_forks_total += 1
 
+    @property
+    def num_waiting(self) -> int:
+        """Siblings still waiting for their parent's prompt (they count as waiting requests' sequences)."""
+        return sum(len(siblings) for siblings in self._siblings.values())
+
     def discard(self, parent: Sequence) -> None:
         """Forget the siblings of a parent whose request ends before its prompt was computed."""
         self._siblings.pop(parent.seq_id, None)

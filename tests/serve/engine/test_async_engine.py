@@ -93,3 +93,76 @@ def test_client_loop_closing_mid_stream_does_not_kill_the_engine(engines):
     while engine.has_unfinished_requests() and time.time() < deadline:
         time.sleep(0.01)
     assert engine.kv.usage == 0.0
+
+
+def test_failed_step_ends_its_requests_with_error_and_the_engine_serves_on(trained_checkpoint):
+    """A step that raises (here: the model runner, once) ends the requests in flight with finish reason ERROR,
+    frees their blocks, reports them to on_stats as finished with ERROR, and the next request is served."""
+    from serve.types import FinishReason
+
+    engine = LLMEngine(EngineConfig(model=str(trained_checkpoint), dtype="float32"))
+    snapshots = []
+    async_engine = AsyncEngine(engine, on_stats=snapshots.append)
+    real_execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real_execute(*args, **kwargs)
+
+    engine.runner.execute = failing_once
+    try:
+        async def main():
+            return await asyncio.gather(*(_collect(async_engine, f"r{i}", "Return the") for i in range(2)))
+
+        streams = asyncio.run(main())
+        for deltas in streams:
+            assert deltas[-1].finished
+            assert deltas[-1].outputs[-1].finish_reason is FinishReason.ERROR
+            assert sum(len(d.outputs[0].token_ids) for d in deltas) < GREEDY.max_tokens
+        assert engine.kv.usage == 0.0 and not engine.has_unfinished_requests()
+        finished = [f for s in snapshots for f in s.finished_requests]
+        assert sorted((f.request_id, f.finish_reason) for f in finished) == [("r0", FinishReason.ERROR),
+                                                                               ("r1", FinishReason.ERROR)]
+        after = asyncio.run(_collect(async_engine, "after", "Return the"))
+        assert after[-1].outputs[-1].finish_reason is FinishReason.LENGTH
+    finally:
+        async_engine.shutdown()
+
+
+def test_shutdown_ends_running_streams_with_abort(trained_checkpoint):
+    from serve.types import FinishReason
+
+    engine = LLMEngine(EngineConfig(model=str(trained_checkpoint), dtype="float32"))
+    async_engine = AsyncEngine(engine)
+
+    async def main():
+        deltas = []
+        async for out in async_engine.generate("long", "Return the", SamplingParams(max_tokens=500, ignore_eos=True)):
+            deltas.append(out)
+            if len(deltas) == 2:
+                await asyncio.to_thread(async_engine.shutdown)
+        return deltas
+
+    deltas = asyncio.run(asyncio.wait_for(main(), timeout=60))  # before the fix: waited forever
+    assert deltas[-1].finished and deltas[-1].outputs[-1].finish_reason is FinishReason.ABORT
+    assert engine.kv.usage == 0.0
+
+
+def test_abort_on_an_idle_engine_shows_in_stats_at_once(engines):
+    """The last request aborted: no step follows, yet the snapshot must show its blocks free."""
+    engine, async_engine = engines
+
+    async def main():
+        stream = async_engine.generate("r", "Return the", SamplingParams(max_tokens=400, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+
+    asyncio.run(main())
+    deadline = time.time() + 10
+    while async_engine.stats().kv_cache_usage > 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert async_engine.stats().kv_cache_usage == 0.0 and async_engine.stats().num_running == 0

@@ -143,8 +143,14 @@ def test_abort_before_and_after_the_fork_frees_every_block(trained_checkpoint, p
     engine.add_request("early", prompt_ids[:30], SamplingParams(n=4, max_tokens=20, **GREEDY))
     engine.step()
     assert engine.prompt_sharing._siblings and engine.kv.seq_ids == ["other#0", "early#0"]
+    snapshot = engine.stats()  # stats() hands over the finished requests: keep them for the end
+    finished_stats = list(snapshot.finished_requests)
+    assert snapshot.num_waiting == 3  # the siblings waiting for the prompt count as waiting
     assert engine.abort_request("early")  # siblings still waiting for the prompt
     assert not engine.prompt_sharing._siblings and engine.kv.seq_ids == ["other#0"]
+    snapshot = engine.stats()
+    finished_stats += snapshot.finished_requests
+    assert snapshot.num_waiting == 0
     engine.add_request("late", prompt_ids[:30], SamplingParams(n=4, max_tokens=20, **GREEDY))
     while len([s for s in engine.kv.seq_ids if s.startswith("late")]) < 4:
         engine.step()
@@ -154,7 +160,7 @@ def test_abort_before_and_after_the_fork_frees_every_block(trained_checkpoint, p
     assert engine.kv.seq_ids == ["other#0"]
     while engine.has_unfinished_requests():  # the other request is undisturbed
         engine.step()
-    finished = {(r.request_id, r.finish_reason) for r in engine.stats().finished_requests}
+    finished = {(r.request_id, r.finish_reason) for r in finished_stats + engine.stats().finished_requests}
     assert finished == {("other", FinishReason.LENGTH), ("early", FinishReason.ABORT), ("late", FinishReason.ABORT)}
     assert_pool_empty(engine)
 
