@@ -173,11 +173,16 @@ def native_w3(cfg: BenchEngineConfig, cache_dir: Path) -> dict[str, Any]:
     if not (target / "manifest.json").is_file() or not (draft / "config.json").is_file():
         print(f"[bench] W3 skipped: no target/draft checkpoints ({target}); run `lmforge demo` first", flush=True)
         return {"skipped": f"no checkpoints at {target} / {draft}"}
-    heldout = demo / "corpus" / "heldout.jsonl"
+    # Held-out documents of the corpus the target was trained on: the demo keeps them next to its checkpoints
+    # (demo-KEY/corpus/heldout.jsonl beside demo-KEY/target/final).
+    heldout = next((d / "corpus" / "heldout.jsonl" for d in (target.parent.parent, target.parent, demo)
+                    if (d / "corpus" / "heldout.jsonl").is_file()), None)
+    if heldout is None:
+        print(f"[bench] W3 skipped: no corpus/heldout.jsonl next to {target}", flush=True)
+        return {"skipped": f"no held-out prompts (corpus/heldout.jsonl) next to {target}"}
     plain = LLMEngine(EngineConfig(model=str(target)))
     tok = plain.tokenizer
-    texts = [json.loads(line)["text"] for line in heldout.read_text().splitlines()[:cfg.spec_prompts]] \
-        if heldout.is_file() else ["os.path.join(a, *p)"] * cfg.spec_prompts
+    texts = [json.loads(line)["text"] for line in heldout.read_text().splitlines()[:cfg.spec_prompts]]
     prompts = [tok.encode(t, add_special_tokens=False)[:48] for t in texts]
     spec = LLMEngine(EngineConfig(model=str(target), speculative_method="draft", draft_model=str(draft),
                                   num_speculative_tokens=cfg.num_speculative_tokens))
@@ -205,7 +210,8 @@ def native_w3(cfg: BenchEngineConfig, cache_dir: Path) -> dict[str, Any]:
     identical = runs["plain"]["outputs"] == runs["speculative"]["outputs"]
     for run in runs.values():
         del run["outputs"]
-    return {"target": str(target), "draft": str(draft), "k": cfg.num_speculative_tokens, **runs,
+    return {"target": str(target), "draft": str(draft), "prompts": str(heldout), "k": cfg.num_speculative_tokens,
+            **runs,
             "speedup": runs["speculative"]["tokens_per_s"] / runs["plain"]["tokens_per_s"],
             "outputs_identical": identical,
             "acceptance_rate": (runs["speculative"]["accepted_tokens"] / runs["speculative"]["draft_tokens"]
