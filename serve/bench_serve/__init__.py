@@ -5,9 +5,9 @@ Workload (as `bench engine` W1): random token-id prompts of `--prompt-len` token
 tokens each, greedy, EOS ignored; the random-init `small` preset by default (or `--model`). For every N in
 `--concurrency` (1, 8, 64, 256), N closed-loop clients send max(N, `--min-requests`) requests, each a
 GenerateStream; reported per N: output tokens/s, time to first token and inter-token latency p50/p90/p99,
-and failed requests by gRPC status. The same prompts then run through the server's engine in this process
-(AsyncEngine, the same EngineConfig, the same load generator), and the report gives gRPC / in-process
-throughput per N (issue 4's goal: >= 90% at 64 clients; 256 clients with zero errors: the bench's server
+and failed requests by gRPC status. Right after each gRPC level, the same prompts run through the server's
+engine in this process (AsyncEngine, the same EngineConfig, the same load generator; it sits idle while
+the gRPC level runs, as the server does in turn), and the report gives gRPC / in-process throughput per N (issue 4's goal: >= 90% at 64 clients; 256 clients with zero errors: the bench's server
 admits max(N) requests at once and queues as many). `--backend` is a list (native now; vLLM later), run one
 after the other. `--target host:port` measures a server already running instead.
 
@@ -18,7 +18,8 @@ protobuf parse and timestamp of 256 clients would be charged to the server, a co
 separate client process still takes CPU on a 2-core machine — real clients on the same host would too —
 so the report gives the CPU seconds of each side per level (`client_cpu_s`, `server_cpu_s`, and `cpu_s`
 in-process) to show how much of the machine the client took. Levels and sides run one after another, never
-at once (two loads on 2 cores distort each other by 2-8x).
+at once (two loads on 2 cores distort each other by 2-8x), and the two sides of one N back to back, so load
+from elsewhere that comes and goes weighs on both sides of a ratio alike.
 
 Writes the JSON report (`--output`), a markdown table beside it (.md, also printed), a PNG of throughput
 and p50/p99 latency against N (.png), and each started server's log (.<backend>.server.log).

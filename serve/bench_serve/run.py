@@ -36,35 +36,38 @@ def level_prompts(cfg: BenchServeConfig, vocab_size: int) -> dict[int, list[list
             for n in cfg.concurrency}
 
 
-async def grpc_levels(cfg: BenchServeConfig, address: str, prompts: dict[int, list[list[int]]], *,
-                      server: ServerProcess | None, token: str | None, bar: Any) -> list[dict[str, Any]]:
-    streams = GrpcStreams(address, cfg.output_len, token=token, timeout_s=cfg.timeout_s)
+async def measure_levels(cfg: BenchServeConfig, prompts: dict[int, list[list[int]]], streams: GrpcStreams,
+                         server: ServerProcess | None, engine: InProcessEngine | None,
+                         bar: Any) -> list[dict[str, Any]]:
+    """Level by level, gRPC then in-process back to back: on a shared machine, load that comes and goes
+    then weighs on both sides of each ratio alike (running all gRPC levels first would not)."""
+    warm_up = warm_up_prompts(next(iter(prompts.values())))
     await streams.open(1)
-    await run_level(streams.stream, warm_up_prompts(next(iter(prompts.values()))), 1)
+    await run_level(streams.stream, warm_up, 1)
     await streams.close()
+    if engine is not None:
+        await run_level(engine.stream, warm_up, 1)
     levels = []
     for n, level in prompts.items():
         await streams.open(n)  # connections are up before the clock starts
         client_cpu, server_cpu = time.process_time(), server.cpu_s() if server else None
         records, elapsed = await run_level(streams.stream, level, n, on_done=lambda: bar.update(1))
-        client_cpu, server_cpu = time.process_time() - client_cpu, (
-            server.cpu_s() - server_cpu if server and server_cpu is not None and server.cpu_s() is not None else None)
+        client_cpu = time.process_time() - client_cpu
+        server_after = server.cpu_s() if server else None
         await streams.close()
-        summary = summarize_level(n, records, elapsed, cfg.output_len)
-        levels.append(summary | {"client_cpu_s": client_cpu, "server_cpu_s": server_cpu})
         if server is not None:
             server.check_alive()
-    return levels
-
-
-async def in_process_levels(cfg: BenchServeConfig, engine: InProcessEngine, prompts: dict[int, list[list[int]]],
-                            bar: Any) -> list[dict[str, Any]]:
-    await run_level(engine.stream, warm_up_prompts(next(iter(prompts.values()))), 1)
-    levels = []
-    for n, level in prompts.items():
-        cpu = time.process_time()
-        records, elapsed = await run_level(engine.stream, level, n, on_done=lambda: bar.update(1))
-        levels.append(summarize_level(n, records, elapsed, cfg.output_len) | {"cpu_s": time.process_time() - cpu})
+        grpc = summarize_level(n, records, elapsed, cfg.output_len) | {
+            "client_cpu_s": client_cpu,
+            "server_cpu_s": server_after - server_cpu if server_cpu is not None and server_after is not None else None}
+        in_process = None
+        if engine is not None:
+            cpu = time.process_time()
+            records, elapsed = await run_level(engine.stream, level, n, on_done=lambda: bar.update(1))
+            in_process = summarize_level(n, records, elapsed, cfg.output_len) | {"cpu_s": time.process_time() - cpu}
+        ratio = (grpc["output_tokens_per_s"] / in_process["output_tokens_per_s"]
+                 if in_process and grpc["output_tokens_per_s"] and in_process["output_tokens_per_s"] else None)
+        levels.append({"concurrency": n, "grpc": grpc, "in_process": in_process, "grpc_over_in_process": ratio})
     return levels
 
 
@@ -114,36 +117,29 @@ def _one_backend(cfg: BenchServeConfig, backend: str, serve_cfg: Any, prompts: d
                  token: str | None, out: Path, bar: Any) -> dict[str, Any]:
     # Only "native" exists (config.BACKENDS); a vLLM backend adds its server flags and in-process engine here.
     result: dict[str, Any] = {}
-    server = None
-    if cfg.target is None:
-        log_path = out.with_name(f"{out.stem}.{backend}.server.log")
-        server = ServerProcess(serve_cfg, log_path)
-        print(f"[bench] {backend}: starting {' '.join(server.argv[2:])} (log: {log_path})", flush=True)
-        address = server.start(cfg.server_start_timeout_s)
-        result["server"] = {"argv": server.argv[1:], "address": address, "log": str(log_path)}
-    else:
-        address = cfg.target_address()
-        result["server"] = {"address": address, "external": True}
+    server = engine = None
     try:
-        print(f"[bench] {backend} gRPC at {address}: clients {cfg.concurrency}", flush=True)
-        grpc = asyncio.run(grpc_levels(cfg, address, prompts, server=server, token=token, bar=bar))
+        if cfg.target is None:
+            log_path = out.with_name(f"{out.stem}.{backend}.server.log")
+            server = ServerProcess(serve_cfg, log_path)
+            print(f"[bench] {backend}: starting {' '.join(server.argv[2:])} (log: {log_path})", flush=True)
+            address = server.start(cfg.server_start_timeout_s)
+            result["server"] = {"argv": server.argv[1:], "address": address, "log": str(log_path)}
+        else:
+            address = cfg.target_address()
+            result["server"] = {"address": address, "external": True}
+        if cfg.in_process and serve_cfg is not None:
+            print(f"[bench] {backend}: loading the in-process engine (the server's engine config)", flush=True)
+            engine = InProcessEngine(serve_cfg.engine_config(), cfg.output_len)
+        print(f"[bench] {backend} at {address}: clients {cfg.concurrency}, gRPC"
+              + (" then in-process at each" if engine else ""), flush=True)
+        streams = GrpcStreams(address, cfg.output_len, token=token, timeout_s=cfg.timeout_s)
+        result["levels"] = asyncio.run(measure_levels(cfg, prompts, streams, server, engine, bar))
     finally:
+        if engine is not None:
+            engine.shutdown()
         if server is not None:
             result["server"]["exit_code"] = server.stop()
-    in_process: list[dict[str, Any] | None] = [None] * len(grpc)
-    if cfg.in_process and serve_cfg is not None:
-        print(f"[bench] {backend} in-process engine: clients {cfg.concurrency}", flush=True)
-        engine = InProcessEngine(serve_cfg.engine_config(), cfg.output_len)
-        try:
-            in_process = asyncio.run(in_process_levels(cfg, engine, prompts, bar))
-        finally:
-            engine.shutdown()
-    levels = []
-    for g, p in zip(grpc, in_process):
-        ratio = (g["output_tokens_per_s"] / p["output_tokens_per_s"]
-                 if p and g["output_tokens_per_s"] and p["output_tokens_per_s"] else None)
-        levels.append({"concurrency": g["concurrency"], "grpc": g, "in_process": p, "grpc_over_in_process": ratio})
-    result["levels"] = levels
     return result
 
 
