@@ -18,8 +18,9 @@ def _pair(stats: dict[str, float | None]) -> str:
 def serve_markdown(report: dict[str, Any]) -> str:
     """One row per backend and N: the gRPC numbers, the in-process throughput and the ratio."""
     lines = ["| backend | clients | requests | errors | gRPC tok/s | in-process tok/s | gRPC / in-process | "
-             "TTFT p50 / p99 ms | ITL p50 / p99 ms | in-process TTFT p50 / p99 ms | in-process ITL p50 / p99 ms |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "TTFT p50 / p99 ms | ITL p50 / p99 ms | in-process TTFT p50 / p99 ms | in-process ITL p50 / p99 ms | "
+             "CPU s: server + client / in-process |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for backend, result in report["results"].items():
         for level in result["levels"]:
             g, p = level["grpc"], level.get("in_process") or {}
@@ -31,7 +32,8 @@ def serve_markdown(report: dict[str, Any]) -> str:
                 f"| {backend} | {level['concurrency']} | {g['num_requests']} | {errors} | "
                 f"{_num(g['output_tokens_per_s'], '.1f')} | {_num(p.get('output_tokens_per_s'), '.1f')} | "
                 f"{_num(ratio, '.1%')} | {_pair(g['ttft_ms'])} | {_pair(g['itl_ms'])} | "
-                f"{_pair(p['ttft_ms']) if p else ''} | {_pair(p['itl_ms']) if p else ''} |")
+                f"{_pair(p['ttft_ms']) if p else ''} | {_pair(p['itl_ms']) if p else ''} | "
+                f"{_num(g.get('server_cpu_s'), '.1f')} + {_num(g['client_cpu_s'], '.1f')} / {_num(p.get('cpu_s'), '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
