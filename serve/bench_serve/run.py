@@ -62,9 +62,12 @@ async def measure_levels(cfg: BenchServeConfig, prompts: dict[int, list[list[int
             "server_cpu_s": server_after - server_cpu if server_cpu is not None and server_after is not None else None}
         in_process = None
         if engine is not None:
-            cpu = time.process_time()
+            cpu, preemptions = time.process_time(), engine.num_preemptions()
             records, elapsed = await run_level(engine.stream, level, n, on_done=lambda: bar.update(1))
-            in_process = summarize_level(n, records, elapsed, cfg.output_len) | {"cpu_s": time.process_time() - cpu}
+            # Preempted sequences are recomputed: a KV cache too small for N clients shows here (the server's
+            # engine has the same config and prompts, so the same happens there).
+            in_process = summarize_level(n, records, elapsed, cfg.output_len) | {
+                "cpu_s": time.process_time() - cpu, "num_preemptions": engine.num_preemptions() - preemptions}
         ratio = (grpc["output_tokens_per_s"] / in_process["output_tokens_per_s"]
                  if in_process and grpc["output_tokens_per_s"] and in_process["output_tokens_per_s"] else None)
         levels.append({"concurrency": n, "grpc": grpc, "in_process": in_process, "grpc_over_in_process": ratio})

@@ -186,6 +186,9 @@ class InProcessEngine:
         async for out in self.engine.generate(f"bench-{next(self._ids)}", prompt, self.params):
             yield sum(len(c.token_ids) for c in out.outputs), None
 
+    def num_preemptions(self) -> int:
+        return self.engine.stats().num_preemptions_total
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 
