@@ -1,4 +1,4 @@
-"""`bench_serve()`: per backend, the gRPC levels against a served model, then the same levels in-process."""
+"""`bench_serve()`: per backend, each level of N clients through gRPC and then, back to back, in-process."""
 
 from __future__ import annotations
 
