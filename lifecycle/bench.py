@@ -280,6 +280,9 @@ def add_command(sub: Any) -> None:
     from serve.bench_engine import add_action  # the engine's workloads live with the engine
 
     add_action(actions)
+    from serve.bench_serve import add_action as add_serve_action  # gRPC clients vs the in-process engine
+
+    add_serve_action(actions)
     from lifecycle.draft_agreement import add_action as add_draft_action
 
     add_draft_action(actions)

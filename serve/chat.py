@@ -12,11 +12,9 @@ Piped input works as typed input does: `printf 'Hi!\\n/exit\\n' | lmforge chat -
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 from lifecycle.errors import ConfigError, LmforgeError
@@ -39,16 +37,12 @@ class ChatConfig:
             raise ConfigError(f"--max-tokens: must be >= 1, got {self.max_tokens}")
         if self.auth_token_env and self.auth_token_file:
             raise ConfigError("--auth-token-env and --auth-token-file: give one source of the token")
+        self.token()  # a named source that holds no token is refused now, before anything is sent
 
     def token(self) -> str | None:
-        if self.auth_token_file:
-            path = Path(self.auth_token_file)
-            if not path.is_file():
-                raise ConfigError(f"--auth-token-file: {path} is not a readable file")
-            return path.read_text(encoding="utf-8").strip() or None
-        if self.auth_token_env:
-            return os.environ.get(self.auth_token_env, "").strip() or None
-        return None
+        from serve.api.auth import read_bearer_token
+
+        return read_bearer_token(self.auth_token_file, self.auth_token_env)
 
     def address(self) -> tuple[str, bool]:
         """(host:port, TLS?)"""

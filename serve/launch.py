@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,7 @@ class ServeConfig:
                 raise ConfigError("--draft-model and --ngram: choose one speculative method")
         if self.auth_token_file is not None and self.auth_token_env is not None:
             raise ConfigError("--auth-token-file and --auth-token-env: give one source of the token")
+        self.auth_token()  # a named source that holds no token is refused now, not at the first request
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -95,18 +95,9 @@ class ServeConfig:
                           tls_cert_file=self.tls_cert, tls_key_file=self.tls_key)
 
     def auth_token(self) -> str | None:
-        if self.auth_token_file is not None:
-            path = Path(self.auth_token_file)
-            if not path.is_file():
-                raise ConfigError(f"--auth-token-file: {path} is not a readable file")
-            token, source = path.read_text(encoding="utf-8").strip(), str(path)
-        elif self.auth_token_env is not None:
-            token, source = os.environ.get(self.auth_token_env, "").strip(), f"${self.auth_token_env}"
-        else:
-            return None
-        if not token:
-            raise ConfigError(f"--auth-token-{'file' if self.auth_token_file else 'env'}: {source} is empty or unset")
-        return token
+        from serve.api.auth import read_bearer_token
+
+        return read_bearer_token(self.auth_token_file, self.auth_token_env)
 
 
 def checked_checkpoint_dir(path: str, flag: str) -> Path:

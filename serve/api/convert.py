@@ -53,7 +53,7 @@ def sampling_params(msg: sampling_pb2.SamplingParams) -> SamplingParams:
     if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidRequestError("sampling.stop_token_ids",
                                   f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(msg.stop_token_ids)}")
-    # Only what the proto carries: the engine may know more fields than the API exposes (include_stop_str_in_output).
+    # Only what the proto carries: the engine may know more fields than the API exposes.
     kwargs = {name: getattr(msg, name) for name in SAMPLING_FIELDS - {"stop", "stop_token_ids", "ignore_eos"}
               if name in _PROTO_SAMPLING_FIELDS and msg.HasField(name)}
     try:

@@ -6,7 +6,7 @@ token-id lists; echo, logprobs (top-N, N <= 20), max_tokens (0 with echo: score 
 seed, temperature, top_p, presence/frequency penalties, stream and stream_options.include_usage; for chat,
 messages (text content or text parts), max_completion_tokens, logprobs + top_logprobs. vLLM's extra
 sampling fields are accepted too (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens). Features we do not have (best_of > n, logit_bias, suffix, tools,
+stop_token_ids, skip_special_tokens, include_stop_str_in_output). Features we do not have (best_of > n, logit_bias, suffix, tools,
 JSON response formats) are refused naming the field rather than ignored; fields we do not know are
 ignored, as vLLM does.
 
@@ -27,7 +27,8 @@ MAX_PROMPTS = 1024  # prompts in one completions request (lm-eval batches a few 
 MAX_MESSAGES = 1024
 # OpenAI field -> SamplingParams field, passed through for SamplingParams to validate and name.
 _SAMPLING_FIELDS = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "stop",
-                    "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+                    "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+                    "include_stop_str_in_output")
 
 
 def _is_int(value: Any) -> bool:

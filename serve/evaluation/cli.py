@@ -54,19 +54,12 @@ class EvalConfig:
             raise ConfigError(f"--concurrency: must be >= 1, got {self.concurrency}")
         if self.auth_token_env and self.auth_token_file:
             raise ConfigError("--auth-token-env and --auth-token-file: give one source of the token")
+        self.token()  # a named source that holds no token is refused now, before anything is sent
 
     def token(self) -> str | None:
-        if self.auth_token_file:
-            path = Path(self.auth_token_file)
-            if not path.is_file():
-                raise ConfigError(f"--auth-token-file: {path} is not a readable file")
-            return path.read_text(encoding="utf-8").strip() or None
-        if self.auth_token_env:
-            value = os.environ.get(self.auth_token_env, "").strip()
-            if not value:
-                raise ConfigError(f"--auth-token-env: ${self.auth_token_env} is empty or unset")
-            return value
-        return None
+        from serve.api.auth import read_bearer_token
+
+        return read_bearer_token(self.auth_token_file, self.auth_token_env)
 
     def cache_path(self) -> Path:
         return Path(self.cache) if self.cache else Path(self.output).with_suffix(".items.jsonl")

@@ -57,6 +57,7 @@ class EvalItem:
     references: tuple[str, ...] = ()  # generation
     num_words: int = 0  # perplexity
     num_bytes: int = 0  # perplexity
+    subject: str | None = None  # the task's `subject` template rendered for this record (not part of key())
 
     def key(self) -> str:
         """What the item asks and expects: a cached answer is reused only when this is unchanged."""
@@ -99,7 +100,8 @@ class Templates:
         self.spec = spec
         self._compiled: dict[str, tuple[Any, frozenset[str]]] = {}
         env = _env()
-        sources = {"preamble": spec.preamble, "prompt": spec.prompt, "gold": spec.gold, "text": spec.text}
+        sources = {"preamble": spec.preamble, "prompt": spec.prompt, "gold": spec.gold, "text": spec.text,
+                   "subject": spec.subject}
         if isinstance(spec.choices, tuple):
             sources.update({f"choices[{i}]": t for i, t in enumerate(spec.choices)})
         sources.update({f"references[{i}]": t for i, t in enumerate(spec.references)})
@@ -200,23 +202,26 @@ def build_items(spec: TaskSpec, records: Sequence[Record], fewshot: Sequence[Rec
     shots = list(fewshot[:spec.num_fewshot + 1])  # one spare, in case the item itself is among them
     items = []
     for index, record in enumerate(records):
+        subject = templates.render("subject", record).strip() if spec.subject else None
+        if subject == "":
+            raise DataError(f"{record.where}: subject ({spec.where('subject')}) is empty for this record")
         if spec.kind == "multiple_choice":
             choices = _choices(spec, templates, record)
             gold = _gold(spec, templates, record, choices)
             context = _context(spec, templates, record, _shots_for(record, shots, spec.num_fewshot))
             request = LoglikelihoodRequest(context, tuple(spec.target_delimiter + c for c in choices))
-            items.append(EvalItem(index, record.where, request, gold=gold, choices=choices))
+            items.append(EvalItem(index, record.where, request, gold=gold, choices=choices, subject=subject))
         elif spec.kind == "perplexity":
             text = templates.render("text", record)
             if not text:
                 raise DataError(f"{record.where}: text ({spec.where('text')}) is empty for this record")
             items.append(EvalItem(index, record.where, RollingRequest(text), num_words=count_words(text),
-                                  num_bytes=len(text.encode("utf-8"))))
+                                  num_bytes=len(text.encode("utf-8")), subject=subject))
         else:
             context = _context(spec, templates, record, _shots_for(record, shots, spec.num_fewshot))
             references = tuple(templates.render(f"references[{i}]", record) for i in range(len(spec.references)))
             request = GenerationRequest(context, spec.until, spec.max_tokens)
-            items.append(EvalItem(index, record.where, request, references=references))
+            items.append(EvalItem(index, record.where, request, references=references, subject=subject))
     return items
 
 

@@ -3,7 +3,11 @@
     {"lmforge_version": ..., "created": ..., "target": {model, api, ...},
      "tasks": {"arc_easy": {"kind", "task_file", "num_items", "metrics": {"acc": .., "acc_stderr": ..},
                             "num_cached", "num_requested", "num_retries", "elapsed_s",
+                            "subjects": {"anatomy": {"num_items": 135, "acc": .., "acc_stderr": ..}, ...},
                             "items": [{"index", "where", "key", "answer", "metrics"}, ...]}}}
+
+"subjects" is there for tasks with a `subject` template (MMLU, CMMLU, C-Eval); the table then gives each
+subject's first metric (acc) under the task's rows.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ def build_report(target: dict[str, Any], runs: Sequence[TaskRun], *, with_items:
             "metrics": {k: _finite(v) for k, v in run.metrics.items()},
             "num_cached": run.num_cached, "num_requested": run.num_requested, "num_retries": run.num_retries,
             "elapsed_s": round(run.elapsed_s, 3)}
+        if run.subjects:
+            entry["subjects"] = {name: {k: _finite(v) for k, v in values.items()}
+                                 for name, values in run.subjects.items()}
         if with_items:
             entry["items"] = [r.to_json() for r in run.results]
         tasks[run.spec.name] = entry
@@ -54,16 +61,23 @@ _ORDER = ("acc", "acc_norm", "exact_match", "token_perplexity", "word_perplexity
 _COUNTS = ("num_tokens", "num_words", "num_bytes")
 
 
+def _value_cells(metrics: dict[str, float], name: str) -> tuple[str, str]:
+    stderr = metrics.get(f"{name}_stderr")
+    return f"{metrics[name]:.4f}", f"{stderr:.4f}" if stderr is not None and math.isfinite(stderr) else ""
+
+
 def format_table(runs: Sequence[TaskRun]) -> str:
     rows = [("task", "kind", "items", "metric", "value", "± stderr")]
     for run in runs:
         names = [n for n in run.metrics if not n.endswith("_stderr") and n not in _COUNTS]
         names.sort(key=lambda n: (_ORDER.index(n.split("/")[0]) if n.split("/")[0] in _ORDER else len(_ORDER), n))
         for i, name in enumerate(names):
-            stderr = run.metrics.get(f"{name}_stderr")
             rows.append((run.spec.name if i == 0 else "", run.spec.kind if i == 0 else "",
-                         str(len(run.results)) if i == 0 else "", name, f"{run.metrics[name]:.4f}",
-                         f"{stderr:.4f}" if stderr is not None and math.isfinite(stderr) else ""))
+                         str(len(run.results)) if i == 0 else "", name, *_value_cells(run.metrics, name)))
+        for subject, values in run.subjects.items():  # the task's first metric, subject by subject
+            if names and names[0] in values:
+                rows.append((f"  {subject}", "", str(values["num_items"]), names[0],
+                             *_value_cells(values, names[0])))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     right = {2, 4, 5}
     lines = ["  ".join(cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))

@@ -84,6 +84,18 @@ def item_metrics(spec: TaskSpec, item: EvalItem, answer: Answer) -> dict[str, fl
     return out
 
 
+def subject_metrics(spec: TaskSpec, results: Sequence[ItemResult]) -> dict[str, dict[str, float]]:
+    """Per subject (the task's `subject` template; {} without one), sorted by name: its number of items and
+    the task's metrics over its items alone. The task's own metrics stay pooled over all items (lm-eval's
+    MMLU group score, weighted by subject size, is the same number)."""
+    if spec.subject is None:
+        return {}
+    groups: dict[str, list[ItemResult]] = {}
+    for result in results:
+        groups.setdefault(result.item.subject or "", []).append(result)
+    return {name: {"num_items": len(group), **task_metrics(spec, group)} for name, group in sorted(groups.items())}
+
+
 def task_metrics(spec: TaskSpec, results: Sequence[ItemResult]) -> dict[str, float]:
     """The task's metrics over its items (in item order, whatever order they finished in)."""
     results = sorted(results, key=lambda r: r.item.index)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from lifecycle.errors import LmforgeError
 from serve.evaluation.cache import ResultCache, run_key
 from serve.evaluation.items import EvalItem
-from serve.evaluation.results import ItemResult, item_metrics, task_metrics
+from serve.evaluation.results import ItemResult, item_metrics, subject_metrics, task_metrics
 from serve.evaluation.retry import RetryPolicy, call_with_retries
 from serve.evaluation.target import EvalTarget, TargetError, TransientError
 from serve.evaluation.task import TaskSpec
@@ -39,6 +39,7 @@ class TaskRun:
     elapsed_s: float
     run_key: str = ""
     failures: list[str] = field(default_factory=list)
+    subjects: dict[str, dict[str, float]] = field(default_factory=dict)  # per subject: num_items and metrics
 
 
 def run_task(spec: TaskSpec, items: Sequence[EvalItem], target: EvalTarget, *, cache: ResultCache | None = None,
@@ -92,7 +93,8 @@ def run_task(spec: TaskSpec, items: Sequence[EvalItem], target: EvalTarget, *, c
         bar.close()
     ordered = [results[item.index] for item in items]
     return TaskRun(spec, ordered, task_metrics(spec, ordered), num_cached=len(done), num_requested=len(todo),
-                   num_retries=retries[0], elapsed_s=time.perf_counter() - started, run_key=key)
+                   num_retries=retries[0], elapsed_s=time.perf_counter() - started, run_key=key,
+                   subjects=subject_metrics(spec, ordered))
 
 
 def _progress_bar(name: str, total: int, initial: int, enabled: bool):

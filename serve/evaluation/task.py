@@ -6,6 +6,7 @@
     prompt: "{{query}}\\nAnswer:"      # Jinja2, as lm-evaluation-harness's doc_to_text
     choices: choices                   # a column holding a list, or a list of templates ["{{sol1}}", "{{sol2}}"]
     gold: "{{gold}}"                   # index (gold_type: index), "B" (letter) or the right choice's text (text)
+    subject: "{{ _source }}"           # optional: per-subject metrics as well (`_source`: the data file's stem)
 
 Templates are Jinja2 with lm-evaluation-harness's settings (StrictUndefined, trailing newline kept, a
 `regex_replace` filter), so a task's prompt can be pasted into an lm-eval task YAML unchanged and both
@@ -75,6 +76,9 @@ class TaskSpec:
     ignore_case: bool = False
     ignore_punctuation: bool = False
     regexes_to_ignore: tuple[str, ...] = ()
+    # grouping: a template naming each item's subject (MMLU's "anatomy"); the report then gives every
+    # subject's metrics too, computed as the task's are but over that subject's items only
+    subject: str | None = None
     # bookkeeping
     doc: str = ""  # what the task is, for people
     source: str = "<inline>"  # the task file
@@ -227,6 +231,8 @@ def spec_fingerprint(spec: TaskSpec) -> str:
     """A stable hash of what the task asks (not where its file lies): part of the resume cache's key."""
     import hashlib
 
-    payload = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in ("source", "lines", "doc")}
+    # `subject` only groups the answers: it changes no request, so caches made before it was set stay valid.
+    payload = {f.name: getattr(spec, f.name) for f in fields(spec)
+               if f.name not in ("source", "lines", "doc", "subject")}
     payload["extract"] = {k: vars(v) for k, v in spec.extract.items()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]

@@ -65,7 +65,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(trained_checkpoint):
     (["--model", "{ckpt}", "--ngram", "--draft-model", "{ckpt}"], "--draft-model and --ngram"),
     (["--model", "{ckpt}", "--tls-cert", "{ckpt}/config.json"], "--tls-cert and --tls-key"),
     (["--model", "{ckpt}", "--auth-token-file", "{missing}"], "--auth-token-file"),
-    (["--model", "{ckpt}", "--auth-token-env", "LMFORGE_SURELY_UNSET_VAR"], "is empty"),
+    (["--model", "{ckpt}", "--auth-token-env", "LMFORGE_SURELY_UNSET_VAR"], "$LMFORGE_SURELY_UNSET_VAR is not set"),
     (["--model", "{ckpt}", "--port", "70000"], "--port"),
     (["--model", "{ckpt}", "--http-port", "-1"], "--http-port"),
     (["--model", "{ckpt}", "--http-port", "8000", "--metrics-port", "8000"], "--metrics-port"),
