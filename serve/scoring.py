@@ -8,7 +8,8 @@ Two query kinds, as lm-evaluation-harness's `loglikelihood` and `loglikelihood_r
 
 Each (context, continuation) pair and each rolling window becomes one engine request for the prompt
 `context + continuation` with `prompt_logprobs=0, max_tokens=1`: the engine scores every prompt token
-and generates one (discarded) token. `Scorer` needs only a backend's `generate`, so every backend
+and generates one (discarded) token; `prompt_logprobs_start` lets the context before the scored tokens
+come from the prefix cache. `Scorer` needs only a backend's `generate`, so every backend
 gets scoring by composition. The pure functions (`encode_pair`, `rolling_windows`) follow
 lm-evaluation-harness 0.4 (lm_eval/models/huggingface.py `_encode_pair`, lm_eval/utils.py
 `get_rolling_token_windows` + `make_disjoint_window`) so per-item numbers can be compared with it.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -204,7 +206,11 @@ class Scorer:
 
     async def _run(self, request_id: str, job: _Job, priority: int) -> tuple[TokenLogprob, ...]:
         prompt_logprobs = None
-        stream = self._generate(request_id, job.prompt_token_ids, _SCORE_PARAMS, priority=priority)
+        # Only the scored tokens need logprobs: the context before them may come from the prefix cache, so the
+        # choices of one multiple-choice question compute their shared context once.
+        params = dataclasses.replace(_SCORE_PARAMS,
+                                     prompt_logprobs_start=len(job.prompt_token_ids) - job.num_scored)
+        stream = self._generate(request_id, job.prompt_token_ids, params, priority=priority)
         async with contextlib.aclosing(stream):
             try:
                 async for out in stream:

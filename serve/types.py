@@ -84,6 +84,9 @@ class SamplingParams:
     n                    1..16 completions sharing the prompt's KV blocks.
     logprobs             None or 0..20: the chosen token's logprob plus the top-N alternatives.
     prompt_logprobs      None or 0..20: the same for each prompt token (evaluation).
+    prompt_logprobs_start  >= 0: the first prompt token whose logprob the caller needs (scoring needs only the
+                         continuation's). The prompt before it may come from the prefix cache, and its
+                         entries may then be None; 0 = every token, which bypasses the cache.
     speculative          None = engine default; True / False force speculative decoding on / off.
     skip_special_tokens  leave special tokens out of the detokenized text.
     include_stop_str_in_output  keep the matched stop string at the end of the text (vLLM's flag; the
@@ -106,6 +109,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 0
     speculative: bool | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -129,6 +133,7 @@ class SamplingParams:
                                  f"None or in [0, {MAX_NUM_LOGPROBS}]")
         self._check_optional_int("prompt_logprobs", lambda k: 0 <= k <= MAX_NUM_LOGPROBS,
                                  f"None or in [0, {MAX_NUM_LOGPROBS}]")
+        self._check_int("prompt_logprobs_start", lambda k: k >= 0, ">= 0")
         self._check_stop()
         self._check_stop_token_ids()
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):

@@ -311,8 +311,10 @@ class LLMEngine:
         start = seq.num_computed_tokens
         targets = seq.token_ids[start + 1:start + 1 + logits.shape[0]]
         targets = targets[:max(0, seq.num_prompt_tokens - start - 1)]
-        if start == 0:
-            seq.prompt_logprobs = [None]
+        # Entries 0..start exist before this chunk's: the first token has no logprob, and a prefix served from
+        # the cache (prompt_logprobs_start) has none either; after a recompute, later entries are redone.
+        known = (seq.prompt_logprobs or [])[:start + 1]
+        seq.prompt_logprobs = known + [None] * (start + 1 - len(known))
         if targets:
             num_top = seq.request.params.prompt_logprobs or 0
             target_ids = torch.tensor(targets, device=logits.device)

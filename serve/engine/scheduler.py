@@ -132,9 +132,14 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 seq = self.waiting[0]
                 computed, num_cached = None, 0
-                if self.config.enable_prefix_caching and seq.request.params.prompt_logprobs is None:
-                    # Prompt logprobs need every position's logits: such requests skip the cache.
-                    computed, num_cached = self.kv.get_computed_blocks(seq.seq_id, seq.token_ids)
+                if self.config.enable_prefix_caching:
+                    # Prompt logprobs need the logits at every position before the first token they score
+                    # (prompt_logprobs_start): the cache may serve only the prompt before that position.
+                    params = seq.request.params
+                    cacheable = seq.token_ids if params.prompt_logprobs is None \
+                        else seq.token_ids[:params.prompt_logprobs_start]
+                    if len(cacheable) > 1:
+                        computed, num_cached = self.kv.get_computed_blocks(seq.seq_id, cacheable)
                 num_new = seq.num_tokens - num_cached
                 if num_new > budget and not self.config.enable_chunked_prefill:
                     break

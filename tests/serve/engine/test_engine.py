@@ -116,6 +116,35 @@ def test_prompt_logprobs_equal_hf_log_softmax(trained_checkpoint, hf_model):
     assert_pool_empty(engine)
 
 
+def test_prompt_logprobs_start_lets_the_context_come_from_the_prefix_cache(trained_checkpoint, hf_model):
+    """Scoring needs logprobs of the continuation only: a second choice after the same context reuses the
+    context's cached blocks, and the scored tokens' logprobs still equal HF's log-softmax. Without
+    prompt_logprobs_start (0) a request with prompt logprobs never touches the cache."""
+    engine = make_engine(trained_checkpoint, block_size=4)
+    context = engine.tokenizer.encode(PROMPTS[3] + " " + PROMPTS[1], add_special_tokens=False)
+    assert len(context) >= 12
+    choices = [engine.tokenizer.encode(" yes it does", add_special_tokens=False),
+               engine.tokenizer.encode(" no never", add_special_tokens=False)]
+    model, _ = hf_model
+    for i, choice in enumerate(choices):
+        ids = context + choice
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, prompt_logprobs_start=len(context))
+        out = engine.generate([ids], params)[0]
+        assert len(out.prompt_logprobs) == len(ids)
+        expected_cached = 0 if i == 0 else (len(context) - 1) // 4 * 4  # full blocks before the first scored token
+        assert out.num_cached_tokens == expected_cached
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)  # (len, vocab)
+        for pos in range(len(context), len(ids)):
+            assert out.prompt_logprobs[pos].chosen.logprob == pytest.approx(float(ref[pos - 1, ids[pos]]), abs=1e-4)
+        if i:
+            assert all(lp is None for lp in out.prompt_logprobs[:expected_cached + 1])
+    everything = engine.generate([context + choices[1]], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    assert everything.num_cached_tokens == 0 and all(lp is not None for lp in everything.prompt_logprobs[1:])
+    with pytest.raises(Exception, match="prompt_logprobs_start"):
+        SamplingParams(prompt_logprobs=0, prompt_logprobs_start=-1)
+
+
 def test_abort_frees_blocks_immediately(trained_checkpoint):
     engine = make_engine(trained_checkpoint)
     engine.add_request("a", PROMPTS[3], SamplingParams(max_tokens=50, ignore_eos=True))
