@@ -176,12 +176,17 @@ class Client:
 
         deadline = time.monotonic() + timeout_s
         while True:
+            ready = grpc.channel_ready_future(self.channel)
             try:
-                grpc.channel_ready_future(self.channel).result(timeout=max(0.1, deadline - time.monotonic()))
+                ready.result(timeout=max(0.1, deadline - time.monotonic()))
                 if self.health() == "SERVING":
                     return
             except (grpc.RpcError, grpc.FutureTimeoutError):
                 pass
+            finally:
+                # A pending future keeps a connectivity watcher on the channel, whose thread raises "Channel
+                # closed" once the caller closes it: cancel it rather than leave it behind.
+                ready.cancel()
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"the server was not SERVING within {timeout_s:g} s")
             time.sleep(0.1)

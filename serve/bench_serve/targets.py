@@ -85,8 +85,7 @@ class ServerProcess:
                 raise BenchServerError(f"the server did not start ({' '.join(self.argv[2:])}): {self.tail()}")
             else:
                 time.sleep(0.1)
-        # Health polled directly: Client.wait_until_serving's channel_ready_future leaves grpc's polling thread
-        # behind, which raises "Channel closed" once the channel is closed.
+        # Health polled here rather than with Client.wait_until_serving, to notice at once a server process that died.
         with Client(self.address) as client:
             while True:
                 try:
