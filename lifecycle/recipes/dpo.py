@@ -79,6 +79,13 @@ def cached_ref_trainer(cache_dir: Path, ref_key: str):
     from trl import DPOTrainer
 
     class CachedRefDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # Ours is tokenized already (encode_dpo), with prompts left-truncated by whole exchanges so every
+            # example fits --max-len; TRL's preparation would re-tokenize from text.
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
         def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
             rows = [dataset[i] for i in range(len(dataset))]
             key = hashlib.sha256(f"{ref_key}:{_data_key(rows)}:{batch_size}".encode()).hexdigest()[:16]
