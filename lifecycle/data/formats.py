@@ -320,7 +320,7 @@ def detect_format(record: Any, kind: Literal["sft", "preference"]) -> str | None
             return "messages"
         if "conversations" in keys:
             return "sharegpt"
-        if "instruction" in keys and isinstance(record.get("output"), str):
+        if "instruction" in keys:  # an alpaca record, though maybe a broken one: parse_sft says what is missing
             return "alpaca"
         return None
     if "choices" in keys or (isinstance(record.get("output"), list) and len(record["output"]) > 2):

@@ -214,6 +214,8 @@ def load_base(cfg: FinetuneConfig, parent, *, auto_class: str = "AutoModelForCau
         load_kwargs["device_map"] = "cpu" if not torch.cuda.is_available() else None
     torch.manual_seed(cfg.seed)  # a new head (reward) and LoRA's A matrices start from the run's seed
     model = cls.from_pretrained(parent.path, **load_kwargs, **kwargs)
+    # Without a KV cache transformers reads packed sequences from the position ids (no cross-example attention).
+    model.config.use_cache = False
     if not cfg.lora:
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -243,7 +245,9 @@ def trainer_arguments(cfg: FinetuneConfig, config_cls: type, out: Path, num_eval
         eval_strategy="steps" if num_eval else "no", eval_steps=eval_every,
         save_strategy="steps", save_steps=cfg.save_every or cfg.max_steps, save_total_limit=cfg.keep_last,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=not cfg.progress,
-        dataloader_num_workers=0, remove_unused_columns=False, **extra)
+        dataloader_num_workers=0, remove_unused_columns=False,
+        # transformers' default logs the mean of earlier losses in place of a NaN one: the guard must see it.
+        logging_nan_inf_filter=False, **extra)
 
 
 def resume_point(cfg: FinetuneConfig, out: Path) -> str | None:
