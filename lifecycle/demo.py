@@ -261,8 +261,9 @@ def add_command(sub: Any) -> None:
     parser = add_subcommand(
         sub, "demo", help="run the lifecycle on the embedded default (Python's own documentation)",
         description=("Build a corpus from the Python standard library's documentation, train a tokenizer, a "
-                     "`small` target and a `tiny` draft model, print where the checkpoints are, then serve the "
-                     "target over gRPC, chat with it for a few turns and evaluate it through the server. No data "
+                     "`small` target and a `tiny` draft model, fine-tune the target (SFT on \"what does X do?\" "
+                     "pairs from the same documentation, then DPO), print where the checkpoints are, then serve the "
+                     "DPO model over gRPC, chat with it for a few turns and evaluate it through the server. No data "
                      "or network needed; about 10 minutes the first time on 2 CPU cores, under a minute when cached."),
         example="lmforge demo --cache-dir ~/.cache/lmforge")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
@@ -295,6 +296,13 @@ def _run(args: Any) -> int:
     print("\nsamples (greedy, target model, lmforge engine):")
     for prompt, text in zip(prompts, _sample(art.target, prompts)):
         print(f"  {prompt + text!r}")
+    if art.dpo is not None:
+        questions = ["What does os.path.join do?", "What does json.dumps do?"]
+        chat = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in questions]
+        for name, ckpt in (("SFT", art.sft), ("DPO", art.dpo)):
+            print(f"\nanswers (greedy, {name} model, lmforge engine):")
+            for question, text in zip(questions, _sample(ckpt, chat)):
+                print(f"  {question} -> {text.split('<|im_end|>')[0].strip()!r}")
     print("\ncheckpoints:")
     print(f"  tokenizer  {art.tokenizer_dir}")
     print(f"  target     {art.target}")

@@ -152,12 +152,26 @@ def test_dpo_increases_margin_and_caches_reference(tmp_path, base_ckpt, pref_fil
     # policy == reference at step 1, so the first margin is 0; training pushes chosen above rejected.
     assert abs(records[0]["rewards/margins"]) < 1e-4
     assert records[-1]["eval_rewards/margins"] > 0.05 and records[-1]["eval_rewards/accuracies"] > 0.8
-    cached = sorted((tmp_path / "dpo" / "ref_logps").glob("train-*.safetensors"))
-    assert len(cached) == 1
-    stamp = cached[0].stat().st_mtime_ns
+    from safetensors.torch import load_file, save_file
+
+    ref_dir = tmp_path / "dpo" / "ref_logps"
+    (train_cache,), (eval_cache,) = ref_dir.glob("train-*[0-9a-f].safetensors"), ref_dir.glob("eval-*.safetensors")
+    full = load_file(train_cache)
+    assert len(full["chosen"]) > 4
+    # A pass killed after its first batch left a partial file: the rerun keeps those rows (marked here by
+    # +1000, so recomputing them would show) and computes only the rest.
+    save_file({k: (v[:4] + 1000).contiguous() for k, v in full.items()},
+              str(train_cache.with_name(train_cache.name.replace(".safetensors", ".partial.safetensors"))))
+    train_cache.unlink()
+    eval_stamp = eval_cache.stat().st_mtime_ns
     capsys.readouterr()
-    dpo(DPORecipeConfig(**_common(tmp_path, "dpo"), **kw))  # rerun: resumes at the end, reads the cache
-    assert cached[0].stat().st_mtime_ns == stamp and "cached in" in capsys.readouterr().out
+    dpo(DPORecipeConfig(**_common(tmp_path, "dpo"), **kw))  # rerun: resumes at the end of training
+    again = load_file(train_cache)
+    for key in ("chosen", "rejected"):
+        torch.testing.assert_close(again[key][:4], full[key][:4] + 1000)
+        torch.testing.assert_close(again[key][4:], full[key][4:], atol=1e-4, rtol=1e-5)
+    assert not list(ref_dir.glob("*.partial.safetensors"))
+    assert eval_cache.stat().st_mtime_ns == eval_stamp and "for eval: cached in" in capsys.readouterr().out
     assert json.loads((final / "manifest.json").read_text())["extra"]["loss_type"] == "sigmoid"
 
 
