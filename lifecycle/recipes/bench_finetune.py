@@ -82,12 +82,30 @@ def _summary(timer, warmup: int, losses: list[float]) -> dict[str, Any]:
             "tokens_per_s": tokens / sum(per_step), "final_loss": losses[-1] if losses else None}
 
 
+def _same_examples(stage: str, common: dict[str, Any], tokenizer, work: Path) -> list[Any]:
+    """The records the recipe trained on, as records, in the recipe's order: the same mix (seeded), the same
+    too-long examples left out, so both legs see the same batches (same seed, same sampler, same length)."""
+    from lifecycle.data.formats import read_conversations, read_preferences
+    from lifecycle.recipes.posttrain import mix_sources
+
+    if stage == "sft":
+        from lifecycle.recipes.sft import SFTRecipeConfig, encode_sft
+
+        cfg = SFTRecipeConfig(output_dir=str(work / "plain-data"), **common)
+        fits, read = (lambda c: c if encode_sft(tokenizer, c, cfg) is not None else None), read_conversations
+    else:
+        from lifecycle.recipes.dpo import DPORecipeConfig, encode_dpo
+
+        cfg = DPORecipeConfig(output_dir=str(work / "plain-data"), **common)
+        fits, read = (lambda p: p if encode_dpo(tokenizer, p, cfg) is not None else None), read_preferences
+    return mix_sources(cfg, read, fits, lambda _: 0, repr, work / "plain-data", extra={}).train
+
+
 def bench_finetune(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig) -> dict[str, Any]:
     import torch
     from datasets import Dataset
 
     from lifecycle.checkpoint import load_checkpoint, save_checkpoint
-    from lifecycle.data.formats import read_conversations, read_preferences
 
     data = cfg.data or [str(Path(cfg.data_root) / p) for p in DEFAULT_DATA[stage]]
     work = Path(tempfile.mkdtemp(prefix=f"bench-{stage}-"))
@@ -145,7 +163,7 @@ def bench_finetune(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig) -> di
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        rows = [{"messages": c.as_dicts()} for c in read_conversations(data)]
+        rows = [{"messages": c.as_dicts()} for c in _same_examples(stage, common, tokenizer, work)]
         trainer = SFTTrainer(model=model, args=SFTConfig(assistant_only_loss=True, **args), processing_class=tokenizer,
                              train_dataset=Dataset.from_list(rows), callbacks=[plain_timer])
     else:
@@ -153,7 +171,8 @@ def bench_finetune(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig) -> di
 
         rows = [{"prompt": [{"role": m.role, "content": m.content} for m in p.prompt],
                  "chosen": [{"role": "assistant", "content": p.chosen}],
-                 "rejected": [{"role": "assistant", "content": p.rejected}]} for p in read_preferences(data)]
+                 "rejected": [{"role": "assistant", "content": p.rejected}]}
+                for p in _same_examples(stage, common, tokenizer, work)]
         trainer = DPOTrainer(model=model, args=DPOConfig(precompute_ref_log_probs=True, **args),
                              processing_class=tokenizer, train_dataset=Dataset.from_list(rows), callbacks=[plain_timer])
     trainer.train()

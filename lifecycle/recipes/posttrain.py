@@ -161,7 +161,9 @@ def mix_sources(cfg: FinetuneConfig, read: Callable[..., list[Any]], encode: Cal
                 continue
             kept.append(encoded)
         if not kept:
-            raise DataError(f"{source.path}: no usable examples ({stats.summary()})")
+            n_long = too_long.get(source.path, 0)
+            hint = f"; {n_long} longer than --max-len {cfg.max_len} (raise it)" if n_long else ""
+            raise DataError(f"{source.path}: no usable examples{hint} ({stats.summary()})")
         per_source.append(kept)
     if cfg.eval_data:
         heldout = read(cfg.eval_data, fmt=cfg.format, columns=columns, stats=stats, strict=cfg.strict)
