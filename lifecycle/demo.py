@@ -4,7 +4,9 @@ No user data and no network: the corpus is the documentation text of the running
 standard library (docstrings, read with `ast`, and pydoc's language-reference topics). From it the
 demo trains a byte-level BPE tokenizer, a `small` target model and a `tiny` draft model distilled
 from it (the draft serves speculative decoding, so it is trained to predict the target, not the
-corpus), and leaves them as checkpoints in a cache directory. Every stage is skipped when its verified output is already there, so a second run takes
+corpus), then fine-tunes the target: SFT on "What does os.path.join do?" -> the documented summary, and
+DPO from the SFT model where the rejected answer is another function's summary (`build_finetune_stages`);
+the DPO checkpoint is the one served. Everything is left as checkpoints in a cache directory. Every stage is skipped when its verified output is already there, so a second run takes
 seconds. Every step can be pointed at the user's own files with the underlying subcommands.
 """
 
