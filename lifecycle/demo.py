@@ -201,7 +201,10 @@ def write_instruction_data(corpus_file: Path, out_dir: Path, cfg: DemoFinetuneCo
     num_sft, num_dpo = cfg.sft_steps * cfg.batch_size, cfg.dpo_steps * cfg.batch_size
     sft_docs, dpo_docs = docs[:num_sft + cfg.num_eval], docs[num_sft + cfg.num_eval:][:num_dpo + cfg.num_eval]
     if len(dpo_docs) < num_dpo + cfg.num_eval:
-        raise CheckpointError(f"{corpus_file}: only {len(docs)} documented functions; the demo needs more")
+        from lifecycle.errors import DataError
+
+        raise DataError(f"{corpus_file}: only {len(docs)} documented functions; the demo needs "
+                        f"{num_sft + num_dpo + 2 * cfg.num_eval}")
 
     def question(doc: dict[str, Any]) -> str:
         return f"What does {doc['qualname']} do?"

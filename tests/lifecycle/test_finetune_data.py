@@ -197,3 +197,26 @@ def test_plan_cli_shows_lr_and_warns(capsys):
                  "--micro-batch-size", "8", "--grad-accum", "4"]) == 0
     out = capsys.readouterr().out
     assert "full 2.00e-05, LoRA 1.00e-04" in out and "30% domain data in continued pretraining" in out
+
+
+def test_demo_instruction_and_preference_data(tmp_path):
+    from lifecycle.demo import DemoFinetuneConfig, write_instruction_data
+
+    corpus = tmp_path / "train.jsonl"
+    docs = [{"text": "t", "qualname": f"mod.f{i}", "kind": "function", "signature": "", "summary": f"Does the documented thing number {i}."}
+            for i in range(40)] + [{"text": "t", "qualname": "mod", "kind": "module", "signature": "",
+                                    "summary": "A module, not a function."}]
+    _jsonl(corpus, docs)
+    cfg = DemoFinetuneConfig(sft_steps=3, dpo_steps=2, batch_size=2, num_eval=3)
+    files = write_instruction_data(corpus, tmp_path / "out", cfg)
+    read = {k: [json.loads(ln) for ln in p.read_text().splitlines()] for k, p in files.items()}
+    assert [len(read[k]) for k in ("sft_train", "sft_eval", "dpo_train", "dpo_eval")] == [6, 3, 4, 3]
+    summary = {f"What does {d['qualname']} do?": d["summary"] for d in docs}
+    for row in read["sft_train"] + read["sft_eval"]:
+        assert summary[row["instruction"]] == row["output"]
+    for row in read["dpo_train"] + read["dpo_eval"]:
+        assert row["chosen"] == summary[row["prompt"]] != row["rejected"]
+        assert row["rejected"] in summary.values()  # another function's documentation
+    sft_q = {r["instruction"] for r in read["sft_train"] + read["sft_eval"]}
+    assert not sft_q & {r["prompt"] for r in read["dpo_train"] + read["dpo_eval"]}
+    assert "What does mod do?" not in sft_q
