@@ -102,13 +102,23 @@ def _same_examples(stage: str, common: dict[str, Any], tokenizer, work: Path) ->
 
 
 def bench_finetune(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig) -> dict[str, Any]:
+    """Run both legs in a temporary directory (removed afterwards); write and return the report."""
+    import shutil
+
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{stage}-"))
+    try:
+        return _bench(stage, cfg, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig, work: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
 
     from lifecycle.checkpoint import load_checkpoint, save_checkpoint
 
     data = cfg.data or [str(Path(cfg.data_root) / p) for p in DEFAULT_DATA[stage]]
-    work = Path(tempfile.mkdtemp(prefix=f"bench-{stage}-"))
     if cfg.init_from:
         base = load_checkpoint(cfg.init_from)
     else:
@@ -179,7 +189,8 @@ def bench_finetune(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig) -> di
     plain_losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     ours, plain = _summary(ours_timer, cfg.warmup_steps, ours_losses), _summary(plain_timer, cfg.warmup_steps,
                                                                                plain_losses)
-    report = {"benchmark": stage, "config": asdict(cfg), "data": data, "base": str(base.path),
+    report = {"benchmark": stage, "config": asdict(cfg), "data": data,
+              "base": cfg.init_from or f"fresh {cfg.preset} model (seed 0)",
               "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
               "lmforge": ours, "plain_trl": plain,
               "overhead_pct": 100 * (ours["median_s_per_step"] / plain["median_s_per_step"] - 1),
