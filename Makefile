@@ -13,7 +13,7 @@ $(VENV)/bin/python:
 # The stamp is keyed on pyproject.toml, so changing dependencies reinstalls.
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[serve]"
+	$(PIP) install -q -e ".[serve,train]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml

@@ -286,6 +286,9 @@ def add_command(sub: Any) -> None:
     from lifecycle.draft_agreement import add_action as add_draft_action
 
     add_draft_action(actions)
+    from lifecycle.recipes.bench_finetune import add_action as add_finetune_actions
+
+    add_finetune_actions(actions)
 
 
 def _run_pretrain(args: Any) -> int:

@@ -4,7 +4,9 @@ No user data and no network: the corpus is the documentation text of the running
 standard library (docstrings, read with `ast`, and pydoc's language-reference topics). From it the
 demo trains a byte-level BPE tokenizer, a `small` target model and a `tiny` draft model distilled
 from it (the draft serves speculative decoding, so it is trained to predict the target, not the
-corpus), and leaves them as checkpoints in a cache directory. Every stage is skipped when its verified output is already there, so a second run takes
+corpus), then fine-tunes the target: SFT on "What does os.path.join do?" -> the documented summary, and
+DPO from the SFT model where the rejected answer is another function's summary (`build_finetune_stages`);
+the DPO checkpoint is the one served. Everything is left as checkpoints in a cache directory. Every stage is skipped when its verified output is already there, so a second run takes
 seconds. Every step can be pointed at the user's own files with the underlying subcommands.
 """
 
@@ -66,6 +68,35 @@ class DemoArtifacts:
     tokenizer_dir: Path
     target: Path
     draft: Path
+    sft: Path | None = None  # set by build_finetune_stages
+    dpo: Path | None = None
+
+
+@dataclass(frozen=True)
+class DemoFinetuneConfig:
+    """The post-training legs of the demo: tens of steps each, so `make demo` stays under 10 minutes.
+
+    Kept apart from DemoConfig so that its cache key (and the pretrained models it names) is unchanged;
+    the SFT and DPO runs live in directories keyed by this config and the target checkpoint.
+    """
+
+    sft_steps: int = 40
+    sft_lr: float = 3e-4
+    dpo_steps: int = 20
+    dpo_lr: float = 5e-5
+    dpo_beta: float = 0.1
+    batch_size: int = 4
+    max_len: int = 160
+    num_eval: int = 16
+    seed: int = 0
+
+    def key(self, target: Path) -> str:
+        from lifecycle.data.manifest import sha256_file
+
+        manifest = target / "manifest.json"
+        payload = json.dumps(dataclasses.asdict(self), sort_keys=True) + (sha256_file(manifest) if manifest.is_file()
+                                                                           else "")
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
 def _stage(name: str, started: float) -> None:
@@ -156,6 +187,69 @@ def build_demo(cache_dir: Path = DEFAULT_CACHE, cfg: DemoConfig = DemoConfig(), 
     return art
 
 
+def write_instruction_data(corpus_file: Path, out_dir: Path, cfg: DemoFinetuneConfig) -> dict[str, Path]:
+    """SFT pairs ("What does os.path.join do?" -> its documented summary) and DPO pairs (rejected: the summary of
+    another function) from the stdlib corpus; as many as the steps use, plus `num_eval` held out of each."""
+    import random
+
+    from lifecycle.data.manifest import atomic_write_text
+
+    docs = [json.loads(line) for line in corpus_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs = [d for d in docs if d.get("kind") in ("function", "class") and 20 <= len(d.get("summary", "")) <= 240]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(docs)
+    num_sft, num_dpo = cfg.sft_steps * cfg.batch_size, cfg.dpo_steps * cfg.batch_size
+    sft_docs, dpo_docs = docs[:num_sft + cfg.num_eval], docs[num_sft + cfg.num_eval:][:num_dpo + cfg.num_eval]
+    if len(dpo_docs) < num_dpo + cfg.num_eval:
+        from lifecycle.errors import DataError
+
+        raise DataError(f"{corpus_file}: only {len(docs)} documented functions; the demo needs "
+                        f"{num_sft + num_dpo + 2 * cfg.num_eval}")
+
+    def question(doc: dict[str, Any]) -> str:
+        return f"What does {doc['qualname']} do?"
+
+    sft = [{"instruction": question(d), "output": d["summary"]} for d in sft_docs]
+    dpo = [{"prompt": question(d), "chosen": d["summary"], "rejected": dpo_docs[(i + 1) % len(dpo_docs)]["summary"]}
+           for i, d in enumerate(dpo_docs)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, rows, n_train in (("sft", sft, num_sft), ("dpo", dpo, num_dpo)):
+        for split, part in (("train", rows[:n_train]), ("eval", rows[n_train:])):
+            files[f"{name}_{split}"] = out_dir / f"{name}_{split}.jsonl"
+            atomic_write_text(files[f"{name}_{split}"], "".join(json.dumps(r) + "\n" for r in part))
+    return files
+
+
+def build_finetune_stages(art: DemoArtifacts, cfg: DemoFinetuneConfig = DemoFinetuneConfig(), *,
+                          progress: bool = True, started: float | None = None) -> DemoArtifacts:
+    """SFT of the target on stdlib instruction pairs, then DPO from the SFT checkpoint; sets art.sft and art.dpo."""
+    from lifecycle.recipes.dpo import DPORecipeConfig, dpo
+    from lifecycle.recipes.sft import SFTRecipeConfig, sft
+
+    started = time.perf_counter() if started is None else started
+    root = art.root / f"finetune-{cfg.key(art.target)}"
+    art.sft, art.dpo = root / "sft" / "final", root / "dpo" / "final"
+    if _verified(art.sft) and _verified(art.dpo):
+        _stage(f"SFT and DPO checkpoints cached: {art.dpo}", started)
+        return art
+    files = write_instruction_data(art.corpus_dir / "train.jsonl", root / "data", cfg)
+    common = dict(max_len=cfg.max_len, micro_batch_size=cfg.batch_size, global_batch_size=cfg.batch_size,
+                  seed=cfg.seed, progress=progress, warmup_ratio=0.1)
+    if not _verified(art.sft):
+        _stage(f"SFT on stdlib instruction pairs ({cfg.sft_steps} steps)", started)
+        sft(SFTRecipeConfig(init_from=str(art.target), data=[str(files["sft_train"])],
+                            eval_data=[str(files["sft_eval"])], output_dir=str(art.sft.parent),
+                            max_steps=cfg.sft_steps, learning_rate=cfg.sft_lr, eval_every=0,
+                            save_every=cfg.sft_steps, **common))
+    if not _verified(art.dpo):
+        _stage(f"DPO against the SFT model; rejected = another function's doc ({cfg.dpo_steps} steps)", started)
+        dpo(DPORecipeConfig(init_from=str(art.sft), data=[str(files["dpo_train"])], eval_data=[str(files["dpo_eval"])],
+                            output_dir=str(art.dpo.parent), max_steps=cfg.dpo_steps, learning_rate=cfg.dpo_lr,
+                            beta=cfg.dpo_beta, eval_every=0, save_every=cfg.dpo_steps, **common))
+    return art
+
+
 def _sample(checkpoint: Path, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
     """Greedy continuations from lmforge's own serving engine (paged KV cache, continuous batching)."""
     from serve.engine.llm_engine import EngineConfig, LLMEngine
@@ -172,8 +266,9 @@ def add_command(sub: Any) -> None:
     parser = add_subcommand(
         sub, "demo", help="run the lifecycle on the embedded default (Python's own documentation)",
         description=("Build a corpus from the Python standard library's documentation, train a tokenizer, a "
-                     "`small` target and a `tiny` draft model, print where the checkpoints are, then serve the "
-                     "target over gRPC, chat with it for a few turns and evaluate it through the server. No data "
+                     "`small` target and a `tiny` draft model, fine-tune the target (SFT on \"what does X do?\" "
+                     "pairs from the same documentation, then DPO), print where the checkpoints are, then serve the "
+                     "DPO model over gRPC, chat with it for a few turns and evaluate it through the server. No data "
                      "or network needed; about 10 minutes the first time on 2 CPU cores, under a minute when cached."),
         example="lmforge demo --cache-dir ~/.cache/lmforge")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
@@ -183,6 +278,8 @@ def add_command(sub: Any) -> None:
     parser.add_argument("--draft-steps", type=int, default=DemoConfig.draft_steps,
                         help="optimizer steps for the tiny draft model")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    parser.add_argument("--no-finetune", action="store_true",
+                        help="skip the SFT and DPO stages (serve the pretrained target)")
     parser.add_argument("--no-serve", action="store_true",
                         help="stop after training: skip serving the target, the chat and the evaluation")
     parser.add_argument("--data-root", default=None,
@@ -198,15 +295,27 @@ def _run(args: Any) -> int:
         raise ConfigError("--target-steps and --draft-steps must be positive")
     cfg = DemoConfig(target_steps=args.target_steps, draft_steps=args.draft_steps)
     art = build_demo(args.cache_dir, cfg, progress=not args.no_progress)
+    if not args.no_finetune:
+        build_finetune_stages(art, progress=not args.no_progress)
     prompts = ["os.path.join(a, *p)\n\nJoin two or more", "json.dumps(obj, *, skipkeys=False)\n\n"]
     print("\nsamples (greedy, target model, lmforge engine):")
     for prompt, text in zip(prompts, _sample(art.target, prompts)):
         print(f"  {prompt + text!r}")
+    if art.dpo is not None:
+        questions = ["What does os.path.join do?", "What does json.dumps do?"]
+        chat = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in questions]
+        for name, ckpt in (("SFT", art.sft), ("DPO", art.dpo)):
+            print(f"\nanswers (greedy, {name} model, lmforge engine):")
+            for question, text in zip(questions, _sample(ckpt, chat)):
+                print(f"  {question} -> {text.split('<|im_end|>')[0].strip()!r}")
     print("\ncheckpoints:")
     print(f"  tokenizer  {art.tokenizer_dir}")
     print(f"  target     {art.target}")
     print(f"  draft      {art.draft}")
     print(f"  loss curves {art.target.parent / 'loss_curve.png'}, {art.draft.parent / 'loss_curve.png'}")
+    if art.dpo is not None:
+        print(f"  sft        {art.sft}  (curves: {art.sft.parent / 'curves.png'})")
+        print(f"  dpo        {art.dpo}  (curves: {art.dpo.parent / 'curves.png'}; served)")
     if not args.no_serve:
         _serve_and_try(art, args.data_root)
     return 0
@@ -222,5 +331,5 @@ def _serve_and_try(art: DemoArtifacts, data_root: str | None) -> None:
     from serve.demo import serve_chat_and_evaluate
 
     started = time.perf_counter()
-    serve_chat_and_evaluate(art.target, art.corpus_dir / "heldout.jsonl", art.root / "eval", data_root=data_root)
+    serve_chat_and_evaluate(art.dpo or art.target, art.corpus_dir / "heldout.jsonl", art.root / "eval", data_root=data_root)
     print(f"[demo] serving, chat and evaluation took {time.perf_counter() - started:.1f}s")

@@ -235,6 +235,30 @@ def dataset_tokens(epochs: float, num_examples: int, avg_len: float) -> int:
     return round(epochs * num_examples * avg_len)
 
 
+# Fine-tuning learning rates practitioners converge on (full: ~2e-5, LoRA: ~1e-4) at a global batch of
+# REFERENCE_BATCH examples; for another batch the square-root rule (Malladi et al. 2022, "On the SDEs and
+# scaling rules for adaptive gradient algorithms": Adam's lr scales with sqrt(batch)) keeps the noise scale.
+FULL_FINETUNE_LR, LORA_LR, REFERENCE_BATCH = 2e-5, 1e-4, 32
+# Share of domain data past which general abilities are reported to drop: continued pretraining ~15%
+# (replay of general text, e.g. Ibrahim et al. 2024 "Simple and scalable strategies to continually pre-train"),
+# SFT ~50%.
+MAX_DOMAIN_SHARE = {"pretrain": 0.15, "sft": 0.50}
+
+
+def default_finetune_lr(*, is_lora: bool, global_batch_size: int) -> float:
+    base = LORA_LR if is_lora else FULL_FINETUNE_LR
+    return base * math.sqrt(global_batch_size / REFERENCE_BATCH)
+
+
+def domain_share_warning(stage: str, share: float) -> str | None:
+    """A warning when `share` of the data is domain data past what `stage` tolerates, else None."""
+    limit = MAX_DOMAIN_SHARE[stage]
+    if share > limit:
+        return (f"warning: {share:.0%} domain data in {'continued pretraining' if stage == 'pretrain' else 'SFT'} "
+                f"(more than ~{limit:.0%}): general abilities are reported to drop; mix in general data")
+    return None
+
+
 @dataclass
 class PlanConfig:
     """The `lmforge plan` flags; each field is one `--flag`."""
@@ -255,6 +279,9 @@ class PlanConfig:
     num_examples: int | None = field(default=None, metadata={"help": "examples in the dataset"})
     avg_len: float | None = field(default=None, metadata={"help": "average tokens per example"})
     tokens_per_s: float | None = field(default=None, metadata={"help": "measured throughput, all devices"})
+    stage: Literal["pretrain", "sft"] | None = field(default=None, metadata={"help": "fine-tuning stage: shows the "
+                                                     "learning-rate defaults and checks --domain-share"})
+    domain_share: float | None = field(default=None, metadata={"help": "share of domain data in the mix (0-1)"})
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch_size", "grad_accum", "world_size", "epochs",
@@ -266,6 +293,10 @@ class PlanConfig:
             raise ConfigError("--num-examples and --avg-len go together: give both to count dataset tokens")
         if self.tokens_per_s is not None and self.num_examples is None:
             raise ConfigError("--tokens-per-s needs --num-examples and --avg-len to estimate a duration")
+        if self.domain_share is not None and not 0 <= self.domain_share <= 1:
+            raise ConfigError(f"--domain-share must be in [0, 1], got {self.domain_share}")
+        if self.domain_share is not None and self.stage is None:
+            raise ConfigError("--domain-share needs --stage pretrain or sft (the tolerated share differs)")
 
 
 def build_plan(cfg: ModelConfig, plan: PlanConfig) -> dict[str, Any]:
@@ -307,6 +338,15 @@ def build_plan(cfg: ModelConfig, plan: PlanConfig) -> dict[str, Any]:
         if plan.tokens_per_s is not None:
             data |= {"eta_s": tokens / plan.tokens_per_s, "achieved_flops_per_s": flops * plan.tokens_per_s}
         report["dataset"] = data
+    if plan.stage is not None:
+        batch = plan.micro_batch_size * plan.grad_accum * plan.world_size
+        report["finetune"] = {
+            "global_batch_size": batch, "reference_batch_size": REFERENCE_BATCH,
+            "learning_rate_full": default_finetune_lr(is_lora=False, global_batch_size=batch),
+            "learning_rate_lora": default_finetune_lr(is_lora=True, global_batch_size=batch),
+            "max_domain_share": MAX_DOMAIN_SHARE[plan.stage],
+            "warnings": [w for w in [domain_share_warning(plan.stage, plan.domain_share)] if w]
+            if plan.domain_share is not None else []}
     return report
 
 
@@ -373,6 +413,13 @@ def format_plan(r: dict[str, Any]) -> str:
         if "eta_s" in d:
             lines.append(f"  ETA                   {_duration(d['eta_s'])} at {_count(pl['tokens_per_s'])} tokens/s"
                          f" ({_count(d['achieved_flops_per_s'], 'FLOP/s')} achieved)")
+    if "finetune" in r:
+        f = r["finetune"]
+        lines += ["", f"fine-tuning ({pl['stage']})",
+                  f"  learning rate         full {f['learning_rate_full']:.2e}, LoRA {f['learning_rate_lora']:.2e}"
+                  f"   (2e-5 / 1e-4 at batch {f['reference_batch_size']}, x sqrt({f['global_batch_size']}/"
+                  f"{f['reference_batch_size']}))",
+                  f"  domain data           at most ~{f['max_domain_share']:.0%} of the mix", *f["warnings"]]
     return "\n".join(lines)
 
 

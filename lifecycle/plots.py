@@ -44,3 +44,25 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, png_path)
+
+
+def plot_metrics(metrics_path: Path, png_path: Path, keys: list[str] | tuple[str, ...], title: str) -> None:
+    """One panel per metric key (train values as a line, `eval_<key>` values as dots) from metrics.jsonl."""
+    records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    keys = [k for k in keys if any(k in r or f"eval_{k}" in r for r in records)]
+    if not keys:
+        return
+    fig, axes = new_figure(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        train = [r for r in records if key in r]
+        held = [r for r in records if f"eval_{key}" in r]
+        if train:
+            ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        if held:
+            ax.plot([r["step"] for r in held], [r[f"eval_{key}"] for r in held], "o-", label="held-out")
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    save_figure(fig, png_path)

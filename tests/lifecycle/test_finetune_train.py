@@ -1,0 +1,217 @@
+"""SFT / reward / DPO / export on a micro Llama trained here: the "Done when" list of issue 6."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tests.lifecycle.conftest import WORDS
+
+pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory, tiny_tokenizer_dir, micro_model_config):
+    from transformers import LlamaForCausalLM
+
+    from lifecycle.checkpoint import save_checkpoint
+    from lifecycle.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(micro_model_config.to_hf(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                      pad_token_id=tok.pad_token_id))
+    return save_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", model, tok, recipe="test", recipe_config={}).path
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    lines = [json.dumps({"instruction": f"say {w}", "output": f"{w} {w}"}) for w in
+             (rng.choice(WORDS) for _ in range(80))]
+    lines.insert(5, json.dumps({"instruction": "no output here"}))  # one bad record: counted, not fatal
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pref_file(tmp_path_factory):
+    """Learnable: the chosen answer repeats the asked word, the rejected one is always filler."""
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("pref") / "pref.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {w}", "chosen": f"{w} {w}", "rejected": "the the the"}) + "\n"
+                            for w in (rng.choice(WORDS) for _ in range(96))))
+    return path
+
+
+def _common(tmp_path, name, **kw):
+    return dict(output_dir=str(tmp_path / name), max_len=64, micro_batch_size=4, global_batch_size=4,
+                eval_fraction=0.15, progress=False, **kw)
+
+
+def _metrics(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_exact_resume_and_manifest(tmp_path, base_ckpt, sft_file):
+    from lifecycle.checkpoint import load_checkpoint
+    from lifecycle.recipes.sft import SFTRecipeConfig, sft
+
+    kw = dict(init_from=str(base_ckpt), data=[f"{sft_file}:1"], max_steps=4, save_every=2, eval_every=2,
+              learning_rate=3e-3)
+    straight = load_checkpoint(sft(SFTRecipeConfig(**_common(tmp_path, "a"), **kw)))
+    sft(SFTRecipeConfig(**_common(tmp_path, "b"), stop_at_step=2, **kw))
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = load_checkpoint(sft(SFTRecipeConfig(**_common(tmp_path, "b"), **kw)))
+    losses = lambda d: [(r["step"], r["loss"]) for r in _metrics(d) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 4
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    m = straight.manifest
+    assert m["recipe"] == "sft" and m["parent"]["path"] == str(base_ckpt.resolve())
+    data = m["extra"]["dataset_manifest"]
+    assert m["dataset_manifest_hash"] == data["content_hash"]
+    assert data["removed"] == {"not a alpaca record": 1} and data["extra"]["bad_records"] == 1
+    mix = data["extra"]["mix"][0]
+    assert mix["examples_used"] == data["extra"]["train_examples"] > 0 and mix["tokens_used"] > 0
+    assert "eval_loss" in m["metrics"] and (tmp_path / "a" / "curves.png").is_file()
+
+
+def test_nan_guard_stops_with_last_good_checkpoint(tmp_path, base_ckpt, sft_file, monkeypatch):
+    from lifecycle.recipes import posttrain
+    from lifecycle.recipes.posttrain import NonFiniteLoss
+    from lifecycle.recipes.sft import SFTRecipeConfig, sft
+
+    real = posttrain.load_base
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        def hook(module, inputs, output):  # from the 4th training forward (step 4) on, NaN embeddings
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] >= 4:
+                    return output * float("nan")
+            return output
+
+        model.get_input_embeddings().register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(posttrain, "load_base", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 4.*checkpoint-2"):
+        sft(SFTRecipeConfig(**_common(tmp_path, "nan"), init_from=str(base_ckpt), data=[str(sft_file)], max_steps=6,
+                            save_every=2, eval_every=0, learning_rate=1e-3))
+    assert not (tmp_path / "nan" / "trainer" / "checkpoint-4").exists()
+    assert not (tmp_path / "nan" / "final").exists()
+
+
+def test_packing_has_no_cross_example_attention(base_ckpt):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from lifecycle.checkpoint import load_checkpoint
+
+    model = load_checkpoint(base_ckpt).load_model(dtype=torch.float32).eval()
+    a, b = list(range(5, 17)), list(range(40, 49))
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": a}, {"input_ids": b}])
+    with torch.no_grad():
+        # use_cache=False as SFTTrainer.compute_loss passes it: with a cache, transformers does not look for
+        # packed sequences in the position ids.
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                       use_cache=False).logits  # (1, 21, vocab)
+        alone_b = model(input_ids=torch.tensor([b])).logits  # (1, 9, vocab)
+    torch.testing.assert_close(logits[:, len(a):], alone_b, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_model_learns_a_synthetic_preference_and_scores(tmp_path, base_ckpt, pref_file):
+    from lifecycle.recipes.reward import RewardRecipeConfig, score_file, train_reward
+
+    final = train_reward(RewardRecipeConfig(**_common(tmp_path, "rm"), init_from=str(base_ckpt), data=[str(pref_file)],
+                                            max_steps=12, eval_every=0, learning_rate=3e-3))
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["metrics"]["eval_accuracy"] > 0.8  # chance is 0.5
+    pairs = tmp_path / "score.jsonl"
+    pairs.write_text(json.dumps({"prompt": "say model", "response": "model model"}) + "\n"
+                     + json.dumps({"prompt": "say model", "response": "the the the"}) + "\n")
+    good, bad = score_file(final, pairs)
+    assert good["score"] > bad["score"] and good["line"] == 1
+
+
+def test_dpo_increases_margin_and_caches_reference(tmp_path, base_ckpt, pref_file, capsys):
+    from lifecycle.recipes.dpo import DPORecipeConfig, dpo
+
+    kw = dict(init_from=str(base_ckpt), data=[str(pref_file)], max_steps=8, eval_every=0, learning_rate=2e-3)
+    final = dpo(DPORecipeConfig(**_common(tmp_path, "dpo"), **kw))
+    records = _metrics(tmp_path / "dpo")
+    # policy == reference at step 1, so the first margin is 0; training pushes chosen above rejected.
+    assert abs(records[0]["rewards/margins"]) < 1e-4
+    assert records[-1]["eval_rewards/margins"] > 0.05 and records[-1]["eval_rewards/accuracies"] > 0.8
+    from safetensors.torch import load_file, save_file
+
+    ref_dir = tmp_path / "dpo" / "ref_logps"
+    (train_cache,), (eval_cache,) = ref_dir.glob("train-*[0-9a-f].safetensors"), ref_dir.glob("eval-*.safetensors")
+    full = load_file(train_cache)
+    assert len(full["chosen"]) > 4
+    # A pass killed after its first batch left a partial file: the rerun keeps those rows (marked here by
+    # +1000, so recomputing them would show) and computes only the rest.
+    save_file({k: (v[:4] + 1000).contiguous() for k, v in full.items()},
+              str(train_cache.with_name(train_cache.name.replace(".safetensors", ".partial.safetensors"))))
+    train_cache.unlink()
+    eval_stamp = eval_cache.stat().st_mtime_ns
+    capsys.readouterr()
+    dpo(DPORecipeConfig(**_common(tmp_path, "dpo"), **kw))  # rerun: resumes at the end of training
+    again = load_file(train_cache)
+    for key in ("chosen", "rejected"):
+        torch.testing.assert_close(again[key][:4], full[key][:4] + 1000)
+        torch.testing.assert_close(again[key][4:], full[key][4:], atol=1e-4, rtol=1e-5)
+    assert not list(ref_dir.glob("*.partial.safetensors"))
+    assert eval_cache.stat().st_mtime_ns == eval_stamp and "for eval: cached in" in capsys.readouterr().out
+    assert json.loads((final / "manifest.json").read_text())["extra"]["loss_type"] == "sigmoid"
+
+
+def test_lora_merge_parity_and_qlora_on_cpu(tmp_path, base_ckpt, sft_file):
+    from peft import PeftModel
+
+    from lifecycle.checkpoint import load_checkpoint
+    from lifecycle.export import export_merged
+    from lifecycle.recipes.sft import SFTRecipeConfig, sft
+
+    adapter = sft(SFTRecipeConfig(**_common(tmp_path, "lora"), init_from=str(base_ckpt), data=[str(sft_file)],
+                                  lora=True, lora_r=4, lora_target_modules=["q_proj", "v_proj", "down_proj"],
+                                  max_steps=3, eval_every=0, learning_rate=1e-2))
+    merged_path, diff = export_merged(adapter, tmp_path / "merged")
+    assert diff <= 1e-4
+    base = load_checkpoint(base_ckpt).load_model(dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, adapter).eval()
+    merged = load_checkpoint(merged_path).load_model(dtype=torch.float32).eval()
+    ids = torch.arange(3, 40).view(1, -1)
+    with torch.no_grad():
+        expected, got = with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits
+        plain = load_checkpoint(base_ckpt).load_model(dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (got - plain).abs().max() > 1e-3  # the adapter did change the model
+
+    qlora = sft(SFTRecipeConfig(**_common(tmp_path, "qlora"), init_from=str(base_ckpt), data=[str(sft_file)],
+                                qlora=True, lora_r=4, max_steps=2, eval_every=0, learning_rate=1e-3))
+    assert (qlora / "adapter_model.safetensors").is_file()
+    assert all(r["loss"] == r["loss"] for r in _metrics(tmp_path / "qlora") if "loss" in r)
+
+
+def test_bad_input_is_one_clear_line(tmp_path, base_ckpt, capsys):
+    from lifecycle.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "x"}) + "\n")
+    assert main(["sft", "--init-from", str(base_ckpt), "--data", str(bad), "--strict", "--output-dir",
+                 str(tmp_path / "o")]) == 2
+    assert f"{bad}:1: not a alpaca record: missing \"output\"" in capsys.readouterr().err
+    assert main(["dpo", "--init-from", str(base_ckpt), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["sft", "--data", str(bad)]) == 2
+    assert "--init-from" in capsys.readouterr().err
