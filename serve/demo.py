@@ -107,8 +107,8 @@ def serve_chat_and_evaluate(checkpoint: Path, heldout_file: Path, work_dir: Path
     if shared is not None:
         tasks.append("arc_easy")
     with running_server(checkpoint) as address:
-        print_fn(f"\nserving {checkpoint} on {address} (gRPC); a short chat (sampled, seeded; the model is "
-                 "pretrained only, not instruction-tuned):")
+        print_fn(f"\nserving {checkpoint} on {address} (gRPC); a short chat (sampled, seeded; a model this small "
+                 "and this briefly trained gives fluent-looking noise, not answers):")
         with Client(address, timeout_s=120) as client:
             session = ChatSession(client, system="You explain the Python standard library.", max_tokens=32,
                                   temperature=0.8, top_p=0.95, seed=0)
