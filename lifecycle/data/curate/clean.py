@@ -75,13 +75,15 @@ def _compile(patterns: tuple[str, ...]) -> tuple[re.Pattern, ...]:
 def _filler_pattern(fillers: tuple[str, ...]) -> re.Pattern | None:
     """Latin fillers as whole words; CJK fillers as whole runs of themselves (嗯嗯 but not 嗯 inside 嗯哼)."""
     latin = [re.escape(f) for f in fillers if not re.search(f"[{_CJK_CHAR}]", f)]
-    cjk = [re.escape(f) for f in sorted((f for f in fillers if re.search(f"[{_CJK_CHAR}]", f)), key=len, reverse=True)]
+    # a CJK filler made of one repeated character (嗯嗯) matches any longer run of it too (嗯嗯嗯)
+    cjk = [f"{re.escape(f[0])}{{{len(f)},}}" if len(set(f)) == 1 else re.escape(f)
+           for f in sorted((f for f in fillers if re.search(f"[{_CJK_CHAR}]", f)), key=len, reverse=True)]
     parts = []
     if latin:
         # optional trailing comma/ellipsis so "um, I think" becomes "I think"
         parts.append(r"(?<![\w'])(?:" + "|".join(latin) + r")(?![\w'])[,，.…]*\s*")
     if cjk:
-        parts.append(r"(?:" + "|".join(cjk) + r")+[，,。…～~]*")
+        parts.append(r"(?:" + "|".join(cjk) + r")[，,。…～~]*")
     return re.compile("|".join(parts), re.I) if parts else None
 
 

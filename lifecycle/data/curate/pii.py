@@ -60,12 +60,15 @@ def ip_valid(text: str) -> bool:
 
 
 _YEAR = re.compile(r"^(1[5-9]|20)\d\d$")
+_DATE = re.compile(r"^(?:(?:1[5-9]|20)\d\d[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./](?:1[5-9]|20)\d\d)$")
 
 
 def phone_valid(text: str) -> bool:
     """7-15 digits, not a run of years ("1990 2000") nor of small numbers separated by spaces only."""
     digits = sum(ch.isdigit() for ch in text)
     if not 7 <= digits <= 15:
+        return False
+    if _DATE.match(text):
         return False
     groups = re.split(r"[ .-]+", text.strip("+"))
     if all(_YEAR.match(g) for g in groups if g):
