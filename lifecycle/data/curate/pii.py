@@ -74,17 +74,21 @@ def phone_valid(text: str) -> bool:
     if all(_YEAR.match(g) for g in groups if g):
         return False
     has_marker = text.startswith(("+", "00", "(")) or "-" in text or "." in text or "(" in text
-    # Space-separated groups without any phone marker: accept only the shapes phone books use
-    # (first group 2-4 digits starting with 0, or exactly two/three groups of 2-4 then 4-7 digits).
+    # Space-separated groups without any phone marker: not a number written with thousands separators
+    # ("10 000 000": a short first group, then groups of exactly three digits).
     if not has_marker and " " in text:
-        return groups[0].startswith("0") or (len(groups) <= 3 and len(groups[-1]) >= 3)
+        digit_groups = [g for g in groups if g.isdigit()]
+        if len(digit_groups[0]) < 3 and all(len(g) == 3 for g in digit_groups[1:]):
+            return False
     return True
 
 
 # (type, pattern, validator). Boundaries: (?<![\w.]) / (?![\w]) keep matches from starting or ending inside
 # a longer token; digits are matched with \d restricted to ASCII by re.ASCII on the digit-heavy patterns.
 DETECTORS: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
-    ("email", re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b"),
+    # ASCII-only boundaries: in Chinese text an address sits right against ideographs, which \w also matches
+    ("email", re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+"
+                         r"[A-Za-z]{2,24}(?![A-Za-z0-9-])"),
      None),
     # Known key prefixes (OpenAI, AWS, GitHub, Slack, Google, Hugging Face), or a long token after a key word
     # ("api_key = ..."); for the latter only the value (group 1) is replaced.
@@ -108,9 +112,11 @@ DETECTORS: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
         # ... then the international and national forms: +cc, (0), (area), groups of 2-4 digits joined by
         # space, dot or dash. The validator wants 7-15 digits (E.164 allows 15) and rejects what reads as
         # years, decimals or a plain number.
-        r"|(?<![\w+.,-])(?:(?:\+|00)\d{1,3}[ .-]?)?(?:\(0\)[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}(?:[ .-]\d{2,8}){1,5}"
-        r"(?![\w-]|[.,]\d)"
-        r"|(?<![\w+.,-])\d{10,11}(?![\w.,-])", re.ASCII), phone_valid),
+        # A dash right after the number may join a label ("555-0134-Office"), so only a following digit blocks.
+        r"|(?<![\w+.-])(?<!\d,)(?:(?:\+|00)\d{1,3}[ .-]?)?(?:\(0\)[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}"
+        r"(?:[ .-]\d{2,8}){1,5}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w]|-\d|[.,]\d)"
+        r"|(?<![\w+.-])(?<!\d,)\+\d{10,14}(?![\w]|-\d|[.,]\d)"
+        r"|(?<![\w+.-])(?<!\d,)\d{10,11}(?![\w]|-\d|[.,]\d)", re.ASCII), phone_valid),
 ]
 
 
