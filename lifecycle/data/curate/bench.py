@@ -4,7 +4,8 @@ Parts (`--parts`, all by default):
 - dedup: near-duplicate precision/recall (and exact) on WikiText-2 + Chinese text with planted
   duplicates (bench_data.dedup_corpus), through the real pipeline with only the dedup blocks on.
   A removed document is a true positive when it is a planted copy; anything else removed is a false
-  positive (the sources' own repeats were dropped before planting).
+  positive. The sources' own exact and near repeats (bigram Jaccard >= 0.3, exact join) are dropped
+  before planting, so that every duplicate in the corpus is a planted one.
 - pii: recall per type on presidio-research's synthetic set (a detection counts when it overlaps the
   true span with the right type) and on a Chinese set built here; false positives per type on clean
   text (WikiText-2, Chinese text) that has no PII of these kinds.
@@ -60,6 +61,7 @@ def bench_dedup(root: Path, work: Path, max_docs: int | None = None) -> dict[str
             "recall_exact": len(removed & exact) / max(len(exact), 1),
             "precision": tp / max(len(removed), 1), "false_positives": len(removed - planted),
             "edit_fraction_range": [min(truth["edit_fractions"]), max(truth["edit_fractions"])],
+            "natural_near_duplicates_dropped_before_planting": truth["natural_near_duplicates_dropped"],
             "config": manifest.extra["curate"]["config"]["dedup"]}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 DEDUP_ZH_GROUP = 3
@@ -53,17 +54,47 @@ def _edit(text: str, rng: random.Random, fraction: float, pool: list[str], by_ch
     return ("" if by_chars else " ").join(units)
 
 
+def drop_near_duplicates(docs: list[str], threshold: float, n: int = 2) -> tuple[list[str], int]:
+    """The documents without the sources' own near duplicates (exact Jaccard of bigram shingles >= threshold,
+    first one kept), and how many were dropped. An exact set-similarity join with the prefix filter (Chaudhuri
+    et al. 2006): with shingles ordered rarest first, two sets with Jaccard >= t share one of the first
+    |A| - ceil(t |A|) + 1 shingles of A, so only pairs sharing a prefix shingle are compared."""
+    import math
+
+    from lifecycle.data.curate.dedup import jaccard, shingles
+
+    sets = [set(shingles(d, n, n)) for d in docs]
+    freq = Counter(g for s in sets for g in s)
+    index: dict[str, list[int]] = {}
+    kept: list[int] = []
+    for i, s in enumerate(sets):
+        ordered = sorted(s, key=lambda g: (freq[g], g))
+        prefix = ordered[: len(ordered) - math.ceil(threshold * len(ordered)) + 1]
+        candidates = {j for g in prefix for j in index.get(g, ())}
+        if any(jaccard(s, sets[j]) >= threshold for j in candidates):
+            continue
+        kept.append(i)
+        for g in prefix:
+            index.setdefault(g, []).append(i)
+    return [docs[i] for i in kept], len(docs) - len(kept)
+
+
 def dedup_corpus(root: Path, out_dir: Path, *, seed: int = 0, near_fraction: float = 0.1,
-                 exact_fraction: float = 0.05, max_docs_per_language: int | None = None) -> dict:
+                 exact_fraction: float = 0.05, max_docs_per_language: int | None = None,
+                 natural_threshold: float = 0.3) -> dict:
     """Writes en.jsonl and zh.jsonl; returns the planted duplicates as {"near": [...], "exact": [...]} of
     (file, line) ids as the pipeline names documents, and the number of originals."""
     rng = random.Random(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    truth = {"near": [], "exact": [], "num_originals": 0, "edit_fractions": []}
+    truth = {"near": [], "exact": [], "num_originals": 0, "edit_fractions": [], "natural_near_duplicates_dropped": 0}
     for lang, docs in (("en", wikitext_paragraphs(root)), ("zh", chinese_texts(root))):
         docs = list(dict.fromkeys(docs))  # the sources' own exact repeats are not planted ones
         if max_docs_per_language:
             docs = docs[:max_docs_per_language]
+        # ... nor are their near repeats (the same ci in two collections, variant characters 後/后): left in,
+        # they would count as false positives of a deduplicator that is right to remove them
+        docs, dropped = drop_near_duplicates(docs, natural_threshold)
+        truth["natural_near_duplicates_dropped"] += dropped
         by_chars = lang == "zh"
         pool = list({c for d in docs[:500] for c in d if "\u4e00" <= c <= "\u9fff"}) if by_chars else \
             list({w for d in docs[:500] for w in d.split() if w.isalpha()})
