@@ -91,14 +91,14 @@ def micro_checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ppl")
     rng = random.Random(3)
-    corpus = jsonl(root / "train.jsonl", [english_doc(rng) for _ in range(300)])
+    corpus = jsonl(root / "train.jsonl", [english_doc(rng) for _ in range(150)])
     tok = train_tokenizer((d.text for d in iter_documents([corpus])), vocab_size=400, show_progress=False)
     save_tokenizer(tok, root / "tok")
     (root / "model.yaml").write_text(yaml.safe_dump(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                          num_key_value_heads=2, intermediate_size=160,
                                                          vocab_size=400, max_position_embeddings=256)))
     return pretrain(PretrainConfig(data=[str(corpus)], tokenizer=str(root / "tok"), model_config=str(root / "model.yaml"),
-                                   seq_len=64, micro_batch_size=8, global_batch_size=8, max_steps=60,
+                                   seq_len=64, micro_batch_size=8, global_batch_size=8, max_steps=30,
                                    learning_rate=3e-3, warmup_steps=5, output_dir=str(root / "run"),
                                    eval_fraction=0.0, eval_every=0, save_every=0, log_every=1000, progress=False))
 
