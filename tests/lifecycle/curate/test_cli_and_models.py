@@ -122,3 +122,28 @@ def test_perplexity_band_keeps_the_middle_and_scores_fluent_text_lower(tmp_path,
     assert counts["in"] == 20 and counts["out"] == len(kept)
     assert "18" not in {d.id for d in kept}  # the noise is in the top decile
     assert counts["removed/high_perplexity"] >= 1 and all(d.metadata["perplexity"] > 0 for d in kept)
+
+
+def test_pack_writes_token_blocks_with_the_project_tokenizer(tmp_path, tiny_tokenizer_dir):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from lifecycle.data.curate.cli import curate
+    from lifecycle.data.curate.config import PackConfig
+
+    rng = random.Random(6)
+    docs = [english_doc(rng) for _ in range(6)]
+    src = jsonl(tmp_path / "in.jsonl", docs)
+    config = CurateConfig(inputs=(str(src),), output_dir=str(tmp_path / "out"),
+                          pack=PackConfig(enabled=True, tokenizer=str(tiny_tokenizer_dir), seq_len=32))
+    manifest, _ = curate(config, show_progress=False)
+    blocks = np.fromfile(tmp_path / "out" / "packed" / "rank-00000.bin", dtype=np.int32).reshape(-1, 32)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    kept = [json.loads(line)["text"] for line in (tmp_path / "out" / "data" / "shard-00000-00000.jsonl").open()]
+    stream = [t for text in kept for t in tok.backend_tokenizer.encode(text, add_special_tokens=False).ids +
+              [tok.eos_token_id]]
+    assert manifest.extra["curate"]["packed_blocks"] == len(blocks) == len(stream) // 32
+    assert blocks.reshape(-1).tolist() == stream[: len(blocks) * 32]
+    # with a tokenizer, token counts are that tokenizer's
+    assert manifest.num_tokens == sum(len(tok.backend_tokenizer.encode(t, add_special_tokens=False).ids)
+                                      for t in kept)
