@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -174,30 +173,48 @@ def _stock_pipeline(src: Path, out: Path) -> None:
         LocalPipelineExecutor(stage, tasks=tasks, workers=1, logging_dir=str(out / "logs" / str(i))).run()
 
 
-def bench_memory(root: Path, work: Path, size_mb: int) -> dict[str, Any]:
-    """Peak RSS of `lmforge curate run` on a generated input of size_mb, in a child process."""
-    from lifecycle.data.curate.bench_data import chinese_texts, wikitext_paragraphs
-
-    base = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
-    src = work / "mem_in" / "big.jsonl"
-    src.parent.mkdir(parents=True, exist_ok=True)
-    written, i = 0, 0
-    with open(src, "w", encoding="utf-8") as fh:
+def _write_input(path: Path, base: list[str], size_mb: float) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = i = 0
+    with open(path, "w", encoding="utf-8") as fh:
         while written < size_mb * 1e6:
             # a counter in every document keeps them distinct, so dedup does not shrink the stream
             line = json.dumps({"text": f"{base[i % len(base)]} [{i}]"}, ensure_ascii=False) + "\n"
             fh.write(line)
             written += len(line.encode("utf-8"))
             i += 1
-    cmd = [sys.executable, "-m", "lifecycle", "curate", "run", str(src), "-o", str(work / "mem_out")]
+    return i
+
+
+def _peak_rss_mb(src: Path, out: Path) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of `lmforge curate run src -o out` in a child process (its own ru_maxrss)."""
+    code = ("import resource, sys; from lifecycle.cli import main; rc = main(sys.argv[1:]); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out)],
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise ConfigError(f"memory run failed: {proc.stderr[-2000:]}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest child so far, in KiB on Linux
-    return {"input_mb": round(written / 1e6, 1), "documents": i, "peak_rss_mb": round(peak_kb / 1024, 1),
-            "seconds": seconds}
+    peak_kb = int(next(ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")).split()[1])
+    return round(peak_kb / 1024, 1), seconds  # ru_maxrss is in KiB on Linux
+
+
+def bench_memory(root: Path, work: Path, size_mb: int) -> dict[str, Any]:
+    """Peak RSS of the default pipeline (one worker) on a 1 MB input and on a size_mb input: bounded memory
+    means the second is not larger by anything like the input's size."""
+    from lifecycle.data.curate.bench_data import chinese_texts, wikitext_paragraphs
+
+    base = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
+    result: dict[str, Any] = {}
+    for label, mb in (("small", 1), ("large", size_mb)):
+        src = work / f"mem_{label}" / "input.jsonl"
+        docs = _write_input(src, base, mb)
+        rss, seconds = _peak_rss_mb(src, work / f"mem_{label}_out")
+        result[label] = {"input_mb": round(src.stat().st_size / 1e6, 1), "documents": docs, "peak_rss_mb": rss,
+                         "seconds": round(seconds, 1)}
+        src.unlink()  # a multi-GB input need not stay on disk beside the output
+    return result
 
 
 def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memory_mb: int = 100,
@@ -266,8 +283,10 @@ def to_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {name} | {t[name]['docs_per_s']:.1f} | {t[name]['mb_per_s']:.3f} |")
         lines.append("")
     if m := r.get("memory"):
-        lines += ["## Memory", "", f"{m['input_mb']} MB input, {m['documents']} documents: peak RSS "
-                  f"{m['peak_rss_mb']} MB ({m['seconds']:.0f} s)", ""]
+        lines += ["## Memory (peak RSS, default pipeline, 1 worker)", "", "| input | documents | peak RSS |",
+                  "|---|---|---|"]
+        lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['peak_rss_mb']} MB |" for v in m.values()]
+        lines.append("")
     return "\n".join(lines)
 
 

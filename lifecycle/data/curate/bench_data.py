@@ -96,8 +96,9 @@ def dedup_corpus(root: Path, out_dir: Path, *, seed: int = 0, near_fraction: flo
         docs, dropped = drop_near_duplicates(docs, natural_threshold)
         truth["natural_near_duplicates_dropped"] += dropped
         by_chars = lang == "zh"
-        pool = list({c for d in docs[:500] for c in d if "\u4e00" <= c <= "\u9fff"}) if by_chars else \
-            list({w for d in docs[:500] for w in d.split() if w.isalpha()})
+        # sorted: a set's order changes with PYTHONHASHSEED, and the planted edits must not
+        pool = sorted({c for d in docs[:500] for c in d if "\u4e00" <= c <= "\u9fff"}) if by_chars else \
+            sorted({w for d in docs[:500] for w in d.split() if w.isalpha()})
         path = out_dir / f"{lang}.jsonl"
         rows = list(docs)
         planted = []

@@ -167,6 +167,9 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
                 if find(node) != node:
                     removals.setdefault(node[0], []).append(node[1])
                     self.stat_update(StatHints.dropped)
+            # every rank gets a .remove file, empty when it keeps everything (datatrove's filter warns otherwise)
+            for file_id in sigs:
+                removals.setdefault(file_id, [])
             for file_id, docs in removals.items():
                 with self.output_folder.open(f"{file_id:06d}.remove", "wb") as out:
                     out.write(b"".join(struct.pack("<I", d) for d in sorted(docs)))

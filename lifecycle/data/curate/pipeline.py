@@ -163,7 +163,9 @@ def run_pipeline(config: CurateConfig, files: dict[str, str], *, show_progress: 
     dedup_steps += [SourceCounter("deduped", tokens, work), ShardWriter(paths.deduped)]
     stages.append(("dedup", dedup_steps, n))
 
-    for name, steps, tasks in stages:
+    total = len(stages) + 1
+    for number, (name, steps, tasks) in enumerate(stages, 1):
+        log.info("stage %d/%d: %s (%d tasks)", number, total, name, tasks)
         _executor(config, steps, tasks, paths.logs(name)).run()
         if name == stop_after:
             return paths
@@ -177,6 +179,7 @@ def run_pipeline(config: CurateConfig, files: dict[str, str], *, show_progress: 
         mix_steps.append(Mixer(rates, config.mix.seed, work, k))
     mix_steps.append(OutputWriter(str(paths.output), work, config.docs_per_shard, config.pack, tokens,
                                   show_progress=show_progress))
+    log.info("stage %d/%d: mix and write (%d tasks)", total, total, n)
     _executor(config, mix_steps, n, paths.logs("mix")).run()
     return paths
 
