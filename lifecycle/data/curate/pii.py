@@ -60,7 +60,8 @@ def ip_valid(text: str) -> bool:
 
 
 _YEAR = re.compile(r"^(1[5-9]|20)\d\d$")
-_DATE = re.compile(r"^(?:(?:1[5-9]|20)\d\d[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./](?:1[5-9]|20)\d\d)$")
+# a date, possibly followed by a time ("1980-07-28 19:30" would otherwise read as a phone number)
+_DATE = re.compile(r"^(?:(?:1[5-9]|20)\d\d[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./](?:1[5-9]|20)\d\d)(?:$|\s)")
 
 
 def phone_valid(text: str) -> bool:
