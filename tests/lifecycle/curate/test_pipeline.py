@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,45 @@ def test_mixture_realized_shares_are_reported(messy_corpus):
     # whole documents are kept or dropped, so the share is approximate on 40 documents a source
     assert mixture["realized"]["en"] == pytest.approx(0.3, abs=0.08)
     assert manifest.extra["curate"]["blocks"]["mix"]["removed"]
+
+
+def test_a_killed_task_is_redone_and_finished_ones_are_not(messy_corpus, monkeypatch):
+    """Rank 1 of 3 in the filter stage dies half-way (a crash inside a block); the rerun redoes only that rank.
+    Files go to ranks in sorted order: rank 0 reads en/empty.jsonl + zh/part1.jsonl, rank 1 en/part1.jsonl,
+    rank 2 zh/junk.txt."""
+    from lifecycle.data.curate import pii
+    from lifecycle.data.curate.pipeline import quiet_datatrove, run_pipeline
+    from lifecycle.data.curate.report import finalize
+    from lifecycle.data.curate.shards import source_names
+
+    quiet_datatrove()
+    crash_marker = messy_corpus["root"] / "crash-once"
+    crash_marker.write_text("")
+    original = pii.Pii.process
+
+    def flaky(self, doc):
+        if "/en/" in doc.id and doc.id.endswith(":30") and crash_marker.exists():
+            crash_marker.unlink()
+            # let ranks 0 and 2 complete first (datatrove's completion markers): the pool is torn down when a
+            # task fails, and this test is about what a rerun does with finished and unfinished ranks
+            done = messy_corpus["root"] / "k" / "work" / "logs" / "filter" / "completions"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not all((done / f"{r:05d}").exists() for r in (0, 2)):
+                time.sleep(0.2)
+            raise RuntimeError("simulated crash")
+        return original(self, doc)
+
+    monkeypatch.setattr(pii.Pii, "process", flaky)
+    config = CurateConfig(inputs=tuple(messy_corpus["inputs"]), output_dir=str(messy_corpus["root"] / "k"), workers=3)
+    files = source_names(config.inputs)
+    with pytest.raises(Exception):
+        run_pipeline(config, files, show_progress=False)
+    paths_filtered = messy_corpus["root"] / "k" / "work" / "filtered"
+    finished = {p.name: p.stat().st_mtime_ns for p in paths_filtered.glob("*.jsonl.gz")}
+    assert sorted(finished) == ["00000.jsonl.gz", "00002.jsonl.gz"]  # rank 1 died before writing its shard
+    paths = run_pipeline(config, files, show_progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in paths_filtered.glob("*.jsonl.gz") if p.name in finished} == finished
+    resumed, _ = finalize(config, paths)
+    fresh, _ = run(messy_corpus, "fresh2", workers=3)
+    assert resumed.num_documents == fresh.num_documents
+    assert resumed.extra["curate"]["blocks"] == fresh.extra["curate"]["blocks"]
