@@ -82,6 +82,16 @@ def keep_by_hash(doc_id: str, rate: float, seed: int) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < rate
 
 
+def document_counts(doc: Document, tokens: TokenCounter) -> Counter[str]:
+    """What the manifest sums per document: tokens and documents per source and per language, characters,
+    and the length bin of the report's histogram."""
+    n = tokens.count(doc.text)
+    source, language = doc.metadata.get("source", "?"), doc.metadata.get("language", "?")
+    return Counter({"in": 1, "out": 1, f"docs/source/{source}": 1, f"tokens/source/{source}": n,
+                    f"docs/language/{language}": 1, f"tokens/language/{language}": n, "tokens": n,
+                    "chars": len(doc.text), f"length_log2/{max(len(doc.text), 1).bit_length() - 1}": 1})
+
+
 class SourceCounter(CurateStep):
     """Counts documents and tokens per source and per language as they pass; removes nothing."""
 
@@ -95,11 +105,7 @@ class SourceCounter(CurateStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         counts: Counter[str] = Counter()
         for doc in data:
-            n = self.tokens.count(doc.text)
-            source, language = doc.metadata.get("source", "?"), doc.metadata.get("language", "?")
-            counts.update({"in": 1, "out": 1, f"docs/source/{source}": 1, f"tokens/source/{source}": n,
-                           f"docs/language/{language}": 1, f"tokens/language/{language}": n,
-                           "tokens": n, "chars": len(doc.text)})
+            counts.update(document_counts(doc, self.tokens))
             yield doc
         write_counts(self.work_dir, self.block, rank, counts)
 

@@ -16,12 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from datatrove.data import Document, DocumentsPipeline
+from datatrove.data import DocumentsPipeline
 from tqdm import tqdm
 
 from lifecycle.data.curate.config import PackConfig
-from lifecycle.data.curate.mixing import TokenCounter
-from lifecycle.data.curate.shards import length_key
+from lifecycle.data.curate.mixing import TokenCounter, document_counts
 from lifecycle.data.curate.step import CurateStep, write_counts
 
 
@@ -69,7 +68,7 @@ class OutputWriter(CurateStep):
         counts: Counter[str] = Counter()
         for doc in tqdm(data, desc=f"write rank {rank}", unit="doc", position=rank, leave=False,
                         disable=not self.show_progress):
-            counts.update(self._count(doc))
+            counts.update(document_counts(doc, self.tokens))
             shards.write(json.dumps({"text": doc.text, "id": doc.id, "source": doc.metadata.get("source"),
                                      "language": doc.metadata.get("language")}, ensure_ascii=False) + "\n")
             if packer is not None:
@@ -79,13 +78,6 @@ class OutputWriter(CurateStep):
         if packer is not None:
             counts["packed_blocks"] += packer.close()
         write_counts(self.work_dir, self.block, rank, counts)
-
-    def _count(self, doc: Document) -> Counter[str]:
-        n = self.tokens.count(doc.text)
-        source, language = doc.metadata.get("source", "?"), doc.metadata.get("language", "?")
-        return Counter({"in": 1, "out": 1, f"docs/source/{source}": 1, f"tokens/source/{source}": n,
-                        f"docs/language/{language}": 1, f"tokens/language/{language}": n, "tokens": n,
-                        "chars": len(doc.text), length_key(doc.text): 1})
 
 
 class _Packer:

@@ -92,7 +92,8 @@ class InputReader(PipelineStep):
 
 
 def length_key(text: str) -> str:
-    """Histogram bin of a document's length: floor(log2(chars)), so 1 KiB and 1 MiB documents fit one plot."""
+    """Histogram bin of a document's length: floor(log2(chars)), so 1 KiB and 1 MiB documents fit one plot
+    (the same bins as mixing.document_counts)."""
     return f"length_log2/{max(len(text), 1).bit_length() - 1}"
 
 

@@ -42,8 +42,6 @@ class Verdict:
         return cls(keep=False, reason=reason, tags=tags)
 
 
-KEEP = Verdict()
-
 
 class CurateStep(PipelineStep):
     """A block with counts and samples. `block` names it in the manifest and report."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from datatrove.data import Document
 
 from lifecycle.data.curate.config import ClassifierConfig, DedupConfig, LangIdConfig, QualityConfig
