@@ -127,7 +127,7 @@ class Clean(CurateStep):
         if c.boilerplate_patterns:
             new, n = drop_boilerplate_lines(text_box[0], c.boilerplate_patterns)
             step("boilerplate_lines", new, n)
-        if c.fillers:
+        if c.remove_fillers and c.fillers:
             new, n = remove_fillers(text_box[0], c.fillers)
             step("fillers", new, n)
         return text_box[0].strip(), changes

@@ -45,6 +45,8 @@ def config_from_args(args: argparse.Namespace):
     for block in ("exact", "near"):
         if f"dedup_{block}" in (args.disable or []):
             section("dedup")[block] = False
+    if args.remove_fillers:
+        section("clean")["remove_fillers"] = True
     if args.languages:
         section("langid")["languages"] = args.languages.split(",")
     if args.dedup_threshold is not None:
@@ -134,6 +136,8 @@ def add_command(sub: Any) -> None:
     run.add_argument("--disable", action="append",
                      choices=["langid", "clean", "quality", "pii", "dedup_exact", "dedup_near"],
                      help="switch a block off (repeatable)")
+    run.add_argument("--remove-fillers", action="store_true",
+                     help="dialogue data: remove filler tokens (嗯嗯, 啊啊, um, uh; list in clean.fillers)")
     run.add_argument("--dedup-threshold", type=float, help="near-duplicate Jaccard threshold (default 0.7)")
     run.add_argument("--decontam-task", action="append", help="`lmforge eval` task (name or file) to "
                      "decontaminate against (repeatable)")

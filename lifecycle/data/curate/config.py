@@ -66,6 +66,8 @@ class CleanConfig:
     unicode_form: str | None = "NFC"  # None: leave as is
     strip_control: bool = True
     boilerplate_patterns: tuple[str, ...] = DEFAULT_BOILERPLATE
+    # Dialogue data only: in prose a quoted 「嗯，没错」 is content, so filler removal is off unless asked for.
+    remove_fillers: bool = False
     fillers: tuple[str, ...] = DEFAULT_FILLERS
     min_chars_after: int = 1  # a document cleaned down to fewer characters is removed ("empty_after_clean")
 

@@ -103,3 +103,17 @@ def test_scrub_leaves_clean_text_alone():
     assert find_pii(clean) == []
     bad_id = "110105194912310021"  # the right length, the wrong check character
     assert "cn_id" not in {kind for _, _, kind in find_pii(f"编号 {bad_id}")}
+
+
+def test_clean_block_removes_fillers_only_when_asked(tmp_path):
+    from datatrove.data import Document
+
+    from lifecycle.data.curate.clean import Clean
+
+    text = "<p>嗯嗯，我觉得这个方案可以。</p>"
+    prose = Clean(CleanConfig(), str(tmp_path)).clean(text)
+    dialogue = Clean(CleanConfig(remove_fillers=True), str(tmp_path)).clean(text)
+    assert prose == ("嗯嗯，我觉得这个方案可以。", Counter({"html": 1}))
+    assert dialogue == ("我觉得这个方案可以。", Counter({"html": 1, "fillers": 1}))
+    kept = list(Clean(CleanConfig(), str(tmp_path)).run(iter([Document(text="<br/>", id="a", metadata={})])))
+    assert kept == []  # cleaned down to nothing: removed as empty_after_clean
