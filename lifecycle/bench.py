@@ -277,6 +277,9 @@ def add_command(sub: Any) -> None:
         example="lmforge bench pretrain --preset small --steps 10 --warmup-steps 2 --plot")
     add_config_arguments(parser, BenchPretrainConfig)
     parser.set_defaults(func=_run_pretrain)
+    from lifecycle.data.curate.bench import add_bench_action  # `bench curate` (issue 7)
+
+    add_bench_action(actions)
     from serve.bench_engine import add_action  # the engine's workloads live with the engine
 
     add_action(actions)

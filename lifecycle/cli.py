@@ -23,6 +23,7 @@ PACKAGES = ("lifecycle", "quant", "serve")
 EPILOG = """\
 examples:
   lmforge demo                                   # the whole lifecycle on the embedded default
+  lmforge curate run data/ -o curated/ --workers 2   # language id, quality, PII, dedup -> shards + report
   lmforge tokenizer train corpus.jsonl -o tok/   # byte-level BPE with chat template
   lmforge pretrain --preset small --data corpus.jsonl --tokenizer tok/ --output-dir runs/small
   lmforge plan --preset base --seq-len 2048 --micro-batch-size 4

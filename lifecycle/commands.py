@@ -14,4 +14,5 @@ COMMANDS = [
     "lifecycle.plan:add_command",
     "lifecycle.checkpoint:add_command",
     "lifecycle.bench:add_command",
+    "lifecycle.data.curate.cli:add_command",
 ]

@@ -1,0 +1,313 @@
+"""`lmforge bench curate`: the curation goals of issue 7, measured on ../shared/data; JSON + markdown.
+
+Parts (`--parts`, all by default):
+- dedup: near-duplicate precision/recall (and exact) on WikiText-2 + Chinese text with planted
+  duplicates (bench_data.dedup_corpus), through the real pipeline with only the dedup blocks on.
+  A removed document is a true positive when it is a planted copy; anything else removed is a false
+  positive. The sources' own exact and near repeats (bigram Jaccard >= 0.3, exact join) are dropped
+  before planting, so that every duplicate in the corpus is a planted one.
+- pii: recall per type on presidio-research's synthetic set (a detection counts when it overlaps the
+  true span with the right type) and on a Chinese set built here; false positives per type on clean
+  text (WikiText-2, Chinese text) that has no PII of these kinds.
+- langid: accuracy on lingua's sentences (>= 50 characters) for en/zh/de/fr/es/ja/ru.
+- throughput: documents/s and MB/s on one core for the default pipeline, next to the same rules built
+  from datatrove's stock blocks only (its Gopher/C4/FineWeb filters, PIIFormatter, MinHash with word
+  5-grams, exact dedup; no language id: datatrove's needs a fastText download), one after the other.
+- memory: peak RSS of a pipeline run on a generated input of `--memory-mb` MB, in a child process.
+Accuracy parts do not depend on machine load; throughput and memory do (run them on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lifecycle.data.manifest import atomic_write_text
+from lifecycle.errors import ConfigError
+
+PARTS = ("dedup", "pii", "langid", "throughput", "memory")
+
+
+def bench_dedup(root: Path, work: Path, max_docs: int | None = None) -> dict[str, Any]:
+    from lifecycle.data.curate.bench_data import dedup_corpus
+    from lifecycle.data.curate.cli import curate
+    from lifecycle.data.curate.config import (CleanConfig, CurateConfig, LangIdConfig, PiiConfig, QualityConfig)
+
+    truth = dedup_corpus(root, work / "dedup_in", max_docs_per_language=max_docs)
+    config = CurateConfig(inputs=(str(work / "dedup_in"),), output_dir=str(work / "dedup_out"),
+                          langid=LangIdConfig(enabled=False), clean=CleanConfig(enabled=False),
+                          quality=QualityConfig(enabled=False), pii=PiiConfig(enabled=False))
+    manifest, _ = curate(config, show_progress=False)
+    kept = {json.loads(line)["id"] for p in (work / "dedup_out" / "data").glob("*.jsonl")
+            for line in p.read_text(encoding="utf-8").splitlines()}
+    read = manifest.extra["curate"]["read"]["documents"]
+    near, exact = set(truth["near"]), set(truth["exact"])
+    all_ids = {f"{work / 'dedup_in' / name}:{i}" for name, n in _line_counts(work / "dedup_in").items()
+               for i in range(1, n + 1)}
+    removed = all_ids - kept
+    planted = near | exact
+    tp = len(removed & planted)
+    return {"documents": read, "originals": truth["num_originals"], "planted_near": len(near),
+            "planted_exact": len(exact), "removed": len(removed),
+            "recall_near": len(removed & near) / max(len(near), 1),
+            "recall_exact": len(removed & exact) / max(len(exact), 1),
+            "precision": tp / max(len(removed), 1), "false_positives": len(removed - planted),
+            "edit_fraction_range": [min(truth["edit_fractions"]), max(truth["edit_fractions"])],
+            "natural_near_duplicates_dropped_before_planting": truth["natural_near_duplicates_dropped"],
+            "config": manifest.extra["curate"]["config"]["dedup"]}
+
+
+def _line_counts(folder: Path) -> dict[str, int]:
+    return {p.name: sum(1 for _ in p.open(encoding="utf-8")) for p in sorted(folder.glob("*.jsonl"))}
+
+
+def bench_pii(root: Path) -> dict[str, Any]:
+    from lifecycle.data.curate.bench_data import (PRESIDIO_TYPES, chinese_pii_set, chinese_texts, presidio_records,
+                                                  wikitext_paragraphs)
+    from lifecycle.data.curate.pii import find_pii
+
+    hits, totals = Counter(), Counter()
+    for record in presidio_records(root):
+        found = find_pii(record["full_text"])
+        for span in record["spans"]:
+            kind = PRESIDIO_TYPES.get(span["entity_type"])
+            if kind is None:
+                continue
+            totals[kind] += 1
+            s, e = span["start_position"], span["end_position"]
+            hits[kind] += any(k == kind and a < e and s < b for a, b, k in found)
+    zh_hits, zh_totals = Counter(), Counter()
+    for text, values in chinese_pii_set():
+        found = find_pii(text)
+        for kind, value in values:
+            zh_totals[kind] += 1
+            start = text.index(value)
+            zh_hits[kind] += any(k == kind and a < start + len(value) and start < b for a, b, k in found)
+    clean = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
+    false_pos = Counter(k for text in clean for _, _, k in find_pii(text))
+    clean_mb = sum(len(t.encode("utf-8")) for t in clean) / 1e6
+    return {"presidio_recall": {k: hits[k] / totals[k] for k in sorted(totals)}, "presidio_counts": dict(totals),
+            "chinese_recall": {k: zh_hits[k] / zh_totals[k] for k in sorted(zh_totals)},
+            "chinese_counts": dict(zh_totals),
+            "clean_text_false_positives": dict(false_pos), "clean_text_mb": round(clean_mb, 2)}
+
+
+def bench_langid(root: Path) -> dict[str, Any]:
+    from lifecycle.data.curate.bench_data import langid_sentences
+    from lifecycle.data.curate.config import LangIdConfig
+    from lifecycle.data.curate.langid import LanguageId
+
+    block = LanguageId(LangIdConfig(), ".")
+    block.setup()
+    right, total = Counter(), Counter()
+    for lang, text in langid_sentences(root):
+        predicted, _, _ = block.detect(text)
+        total[lang] += 1
+        right[lang] += predicted == lang
+    return {"accuracy": sum(right.values()) / sum(total.values()),
+            "per_language": {k: right[k] / total[k] for k in sorted(total)}, "sentences": dict(total),
+            "candidates": list(LangIdConfig().candidates)}
+
+
+def bench_throughput(root: Path, work: Path, max_docs: int | None = None) -> dict[str, Any]:
+    from lifecycle.data.curate.bench_data import chinese_texts, wikitext_paragraphs
+    from lifecycle.data.curate.cli import curate
+    from lifecycle.data.curate.config import CurateConfig
+
+    docs = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
+    docs = docs[:max_docs] if max_docs else docs
+    src = work / "tp_in" / "corpus.jsonl"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8")
+    mb = src.stat().st_size / 1e6
+    start = time.perf_counter()
+    curate(CurateConfig(inputs=(str(src),), output_dir=str(work / "tp_ours")), show_progress=False)
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _stock_pipeline(src, work / "tp_stock")
+    stock_s = time.perf_counter() - start
+    return {"documents": len(docs), "mb": round(mb, 3), "workers": 1,
+            "lmforge": {"seconds": ours_s, "docs_per_s": len(docs) / ours_s, "mb_per_s": mb / ours_s},
+            "datatrove_stock": {"seconds": stock_s, "docs_per_s": len(docs) / stock_s, "mb_per_s": mb / stock_s}}
+
+
+def _stock_pipeline(src: Path, out: Path) -> None:
+    """The same rules from datatrove's own blocks only, one task, stages run one after the other."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
+                                                      ExactFindDedups)
+    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter)
+    from datatrove.pipeline.formatters import PIIFormatter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from lifecycle.data.curate.dedup import normalized_text
+
+    exact = ExactDedupConfig(content_getter=normalized_text)
+    mh = MinhashConfig()
+    stages = [
+        [JsonlReader(str(src.parent), glob_pattern=src.name), GopherQualityFilter(), GopherRepetitionFilter(),
+         C4QualityFilter(), FineWebQualityFilter(), PIIFormatter(), JsonlWriter(str(out / "filtered")),
+         ExactDedupSignature(str(out / "esig"), exact)],
+        [ExactFindDedups(str(out / "esig"), str(out / "edup"), exact)],
+        [JsonlReader(str(out / "filtered")), ExactDedupFilter(str(out / "edup"), exact),
+         JsonlWriter(str(out / "exact")), MinhashDedupSignature(str(out / "msig"), mh)],
+        "buckets",
+        [MinhashDedupCluster(str(out / "mbuck"), str(out / "mrem"), mh)],
+        [JsonlReader(str(out / "exact")), MinhashDedupFilter(str(out / "mrem")), JsonlWriter(str(out / "final"))],
+    ]
+    for i, stage in enumerate(stages):
+        tasks = 1
+        if stage == "buckets":
+            stage, tasks = [MinhashDedupBuckets(str(out / "msig"), str(out / "mbuck"), config=mh)], mh.num_buckets
+        LocalPipelineExecutor(stage, tasks=tasks, workers=1, logging_dir=str(out / "logs" / str(i))).run()
+
+
+def _write_input(path: Path, base: list[str], size_mb: float) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = i = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        while written < size_mb * 1e6:
+            # a counter in every document keeps them distinct, so dedup does not shrink the stream
+            line = json.dumps({"text": f"{base[i % len(base)]} [{i}]"}, ensure_ascii=False) + "\n"
+            fh.write(line)
+            written += len(line.encode("utf-8"))
+            i += 1
+    return i
+
+
+def _peak_rss_mb(src: Path, out: Path) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of `lmforge curate run src -o out` in a child process (its own ru_maxrss)."""
+    code = ("import resource, sys; from lifecycle.cli import main; rc = main(sys.argv[1:]); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out)],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise ConfigError(f"memory run failed: {proc.stderr[-2000:]}")
+    peak_kb = int(next(ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")).split()[1])
+    return round(peak_kb / 1024, 1), seconds  # ru_maxrss is in KiB on Linux
+
+
+def bench_memory(root: Path, work: Path, size_mb: int) -> dict[str, Any]:
+    """Peak RSS of the default pipeline (one worker) on a 1 MB input and on a size_mb input: bounded memory
+    means the second is not larger by anything like the input's size."""
+    from lifecycle.data.curate.bench_data import chinese_texts, wikitext_paragraphs
+
+    base = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
+    result: dict[str, Any] = {}
+    for label, mb in (("small", 1), ("large", size_mb)):
+        src = work / f"mem_{label}" / "input.jsonl"
+        docs = _write_input(src, base, mb)
+        rss, seconds = _peak_rss_mb(src, work / f"mem_{label}_out")
+        result[label] = {"input_mb": round(src.stat().st_size / 1e6, 1), "documents": docs, "peak_rss_mb": rss,
+                         "seconds": round(seconds, 1)}
+        src.unlink()  # a multi-GB input need not stay on disk beside the output
+    return result
+
+
+def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memory_mb: int = 100,
+              max_docs: int | None = None) -> dict[str, Any]:
+    from lifecycle.data.curate.pipeline import quiet_datatrove
+
+    root = Path(data_root)
+    if not (root / "MANIFEST.md").is_file():
+        raise ConfigError(f"--data-root {root}: not ../shared/data (no MANIFEST.md there)")
+    if unknown := sorted(set(parts) - set(PARTS)):
+        raise ConfigError(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    quiet_datatrove()
+    result: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpu": platform.processor(),
+                                          "platform": platform.platform()}}
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-curate-") as tmp:
+        work = Path(tmp)
+        for part in parts:
+            start = time.perf_counter()
+            if part == "dedup":
+                result["dedup"] = bench_dedup(root, work, max_docs)
+            elif part == "pii":
+                result["pii"] = bench_pii(root)
+            elif part == "langid":
+                result["langid"] = bench_langid(root)
+            elif part == "throughput":
+                result["throughput"] = bench_throughput(root, work, max_docs)
+            elif part == "memory":
+                result["memory"] = bench_memory(root, work, memory_mb)
+            result.setdefault("seconds", {})[part] = round(time.perf_counter() - start, 1)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), to_markdown(result))
+    return result
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    lines = ["# lmforge bench curate", ""]
+    if d := r.get("dedup"):
+        lines += ["## Deduplication (WikiText-2 + Chinese, planted duplicates)", "",
+                  f"{d['documents']} documents ({d['originals']} originals, {d['planted_near']} near copies with "
+                  f"{d['edit_fraction_range'][0]:.0%}-{d['edit_fraction_range'][1]:.0%} edits, {d['planted_exact']} "
+                  "exact copies).", "", "| near recall | exact recall | precision | false positives |",
+                  "|---|---|---|---|",
+                  f"| {d['recall_near']:.4f} | {d['recall_exact']:.4f} | {d['precision']:.4f} | {d['false_positives']} |",
+                  ""]
+    if p := r.get("pii"):
+        lines += ["## PII recall", "", "| type | presidio-research | Chinese set | false positives on clean text |",
+                  "|---|---|---|---|"]
+        for k in sorted(set(p["presidio_recall"]) | set(p["chinese_recall"])):
+            cells = []
+            for recall, counts in (("presidio_recall", "presidio_counts"), ("chinese_recall", "chinese_counts")):
+                value = p[recall].get(k)
+                cells.append("-" if value is None else f"{value:.3f} ({p[counts][k]})")
+            fp = p["clean_text_false_positives"].get(k, 0)
+            lines.append(f"| {k} | {cells[0]} | {cells[1]} | {fp} in {p['clean_text_mb']} MB |")
+        lines.append("")
+    if lg := r.get("langid"):
+        lines += ["## Language id (lingua sentences >= 50 chars)", "", f"accuracy {lg['accuracy']:.4f}", "",
+                  "| language | accuracy | sentences |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.4f} | {lg['sentences'][k]} |" for k, v in lg["per_language"].items()]
+        lines.append("")
+    if t := r.get("throughput"):
+        lines += ["## Throughput (1 worker)", "", "| pipeline | docs/s | MB/s |", "|---|---|---|"]
+        for name in ("lmforge", "datatrove_stock"):
+            lines.append(f"| {name} | {t[name]['docs_per_s']:.1f} | {t[name]['mb_per_s']:.3f} |")
+        lines.append("")
+    if m := r.get("memory"):
+        lines += ["## Memory (peak RSS, default pipeline, 1 worker)", "", "| input | documents | peak RSS |",
+                  "|---|---|---|"]
+        lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['peak_rss_mb']} MB |" for v in m.values()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def add_bench_action(actions: Any) -> None:
+    """`lmforge bench curate`, added to the `bench` group by lifecycle/bench.py."""
+    from lifecycle.cli import add_subcommand
+
+    parser = add_subcommand(actions, "curate", help="curation goals: near-dup P/R, PII recall, langid accuracy, "
+                            "throughput vs stock datatrove, peak memory",
+                            example="lmforge bench curate --data-root ../shared/data --parts dedup,pii,langid")
+    parser.add_argument("--data-root", default="../shared/data", help="the shared datasets (default ../shared/data)")
+    parser.add_argument("--output", default="runs/bench/curate.json", help="JSON report (markdown beside it)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--memory-mb", type=int, default=100, help="size of the generated input for the memory part")
+    parser.add_argument("--max-docs", type=int, help="cap documents per language (quick runs)")
+
+    def _run(args: Any) -> int:
+        result = run_bench(args.data_root, args.output, tuple(p for p in args.parts.split(",") if p),
+                           args.memory_mb, args.max_docs)
+        print(to_markdown(result))
+        print(f"wrote {args.output}")
+        return 0
+
+    parser.set_defaults(func=_run)

@@ -1,0 +1,175 @@
+"""Deduplication on datatrove's disk-based stages: exact (normalized hash) and MinHash-LSH, both streaming.
+
+Exact: datatrove's ExactDedupSignature / ExactFindDedups / ExactDedupFilter on `normalized_text`
+(lower case, no punctuation, whitespace collapsed: datatrove's simplify_text), so "Hello, World!"
+and "hello world" are one document.
+
+Near duplicates: datatrove's four MinHash stages (signatures -> per-band sorted buckets merged with a
+heap -> union-find clusters -> filter), which keep memory bounded: signatures are sorted per band on
+disk and merged, and only duplicate pairs are held in memory. Two things in them are wrong for us:
+- Shingles: datatrove shingles words from its word tokenizer; for Chinese that is jieba's words,
+  which makes a 5-gram span a whole clause. `CjkMinhashSignature` shingles characters for CJK text
+  (`cjk_shingle_size`, default 5) and whitespace words otherwise.
+- Threshold: LSH with b bands of r rows only makes a pair *likely* to collide when the Jaccard
+  similarity s is above ~(1/b)^(1/r); some pairs below it collide too. `VerifiedMinhashCluster` keeps a
+  candidate pair only if the fraction of agreeing MinHash values over all b*r of them (an unbiased
+  estimate of s; Broder 1997) is at least `threshold`. The full signatures it reads are written by
+  `CjkMinhashSignature` beside datatrove's files, one fixed-size record per document.
+One document per cluster is kept (the union-find root: the earliest in (rank, index) order that
+datatrove's union by size leaves as root).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.dedup.minhash import (SENTINEL, MinhashConfig, MinhashDedupCluster, MinhashDedupSignature)
+from datatrove.utils.binaryio import read_tuples_from_file
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.text import TextNormConfig, simplify_text
+from datatrove.utils.typeshelper import StatHints
+
+from lifecycle.data.curate.config import DedupConfig
+from lifecycle.data.curate.langid import script_mix
+
+NO_SIGNATURE = np.uint64(2**64 - 1)  # a document too short to shingle: agrees with nothing
+
+
+def normalized_text(doc: Document) -> str:
+    """The text exact dedup hashes (module level and annotated: datatrove picks the hash by return type)."""
+    return simplify_text(doc.text, TextNormConfig())
+
+
+def minhash_config(config: DedupConfig) -> MinhashConfig:
+    # 64-bit hashes: with 32-bit ones, random collisions at band level become likely past ~10^5 documents.
+    return MinhashConfig(n_grams=config.shingle_size, num_buckets=config.bands, hashes_per_bucket=config.rows,
+                         hash_config=HashConfig(precision=64))
+
+
+def shingles(text: str, word_n: int, cjk_n: int) -> list[str]:
+    """Character n-grams for mostly-CJK text, word n-grams otherwise, of the simplified text."""
+    simple = simplify_text(text, TextNormConfig())
+    cjk, other = script_mix(simple[:2000])
+    if cjk > other:
+        chars = simple.replace(" ", "")
+        n = min(cjk_n, len(chars))
+        return [chars[i:i + n] for i in range(len(chars) - n + 1)] if n else []
+    words = simple.split()
+    n = min(word_n, len(words))
+    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)] if n else []
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class CjkMinhashSignature(MinhashDedupSignature):
+    """datatrove's stage 1 with CJK character shingles, also writing full signatures for verification."""
+
+    name = "🎯 MinHash signatures (CJK characters / words)"
+
+    def __init__(self, output_folder: str, config: DedupConfig) -> None:
+        super().__init__(output_folder, minhash_config(config))
+        self.dedup = config
+        self._full = None
+
+    # datatrove's run calls get_shingles once per document, then get_signature if there are shingles: the
+    # full signature record of each document is written from those two hooks, in document order.
+    def get_shingles(self, text: str) -> np.ndarray:
+        grams = shingles(text, self.dedup.shingle_size, self.dedup.cjk_shingle_size)
+        if not grams and self._full is not None:
+            self._full.write(np.full(self.num_hashes, NO_SIGNATURE, dtype=np.uint64).tobytes())
+        return np.fromiter((self._hash_func(g) for g in grams), dtype=np.uint64, count=len(grams)).reshape((-1, 1))
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        buckets = super().get_signature(shingles)
+        if self._full is not None:
+            self._full.write(np.asarray(buckets, dtype=np.uint64).tobytes())  # (bands, rows) -> num_hashes
+        return buckets
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> None:
+        full_dir = Path(self.output_folder.path) / "full"
+        full_dir.mkdir(parents=True, exist_ok=True)
+        with open(full_dir / f"{rank:05d}.sig", "wb") as self._full:
+            super().run(data, rank, world_size)
+        self._full = None
+
+
+class VerifiedMinhashCluster(MinhashDedupCluster):
+    """datatrove's stage 3, keeping only candidate pairs whose estimated Jaccard is >= threshold."""
+
+    name = "🎯 MinHash clusters (verified)"
+
+    def __init__(self, input_folder: str, output_folder: str, signature_folder: str, config: DedupConfig) -> None:
+        super().__init__(input_folder, output_folder, minhash_config(config))
+        self.signature_folder = signature_folder
+        self.threshold = config.threshold
+        self.num_hashes = config.bands * config.rows
+
+    def _signatures(self) -> dict[int, np.ndarray]:
+        out = {}
+        for path in sorted((Path(self.signature_folder) / "full").glob("*.sig")):
+            size = path.stat().st_size
+            if size:
+                out[int(path.stem)] = np.memmap(path, dtype=np.uint64, mode="r").reshape(-1, self.num_hashes)
+        return out  # rank -> (num_docs, num_hashes)
+
+    def similarity(self, sigs: dict[int, np.ndarray], a: tuple[int, int], b: tuple[int, int]) -> float:
+        sa, sb = sigs[a[0]][a[1]], sigs[b[0]][b[1]]
+        if sa[0] == NO_SIGNATURE or sb[0] == NO_SIGNATURE:
+            return 0.0
+        return float(np.mean(sa == sb))
+
+    def run(self, data: DocumentsPipeline = None, _: int = 0, world_size: int = 1):
+        sigs = self._signatures()
+        parent_of: dict[tuple[int, int], tuple[int, int]] = {}
+        size: dict[tuple[int, int], int] = {}
+
+        def find(x):
+            root = x
+            while parent_of.get(root, root) != root:
+                root = parent_of[root]
+            while x != root:  # path compression
+                parent_of[x], x = root, parent_of[x]
+            parent_of.setdefault(root, root)
+            return root
+
+        def union(a, b):
+            ra, rb = find(a), find(b)
+            if ra == rb:
+                return
+            if ra > rb:  # keep the earliest document of a cluster as its representative
+                ra, rb = rb, ra
+            parent_of[rb] = ra
+            size[ra] = size.get(ra, 1) + size.pop(rb, 1)
+
+        checked: set[tuple] = set()
+        with self.track_time():
+            for dup_file in self.input_folder.list_files(glob_pattern="*.dups"):
+                with self.input_folder.open(dup_file, "rb") as fh:
+                    for f1, d1, f2, d2 in read_tuples_from_file(fh, "4I", lines_to_buffer=self.lines_to_buffer):
+                        if f1 == SENTINEL:
+                            continue
+                        a, b = (f1, d1), (f2, d2)
+                        key = (a, b) if a < b else (b, a)
+                        if key in checked:  # the same pair collides in several bands: verify once
+                            continue
+                        checked.add(key)
+                        self.stat_update("candidate_pairs")
+                        if self.similarity(sigs, a, b) >= self.threshold:
+                            self.stat_update("verified_pairs")
+                            union(a, b)
+            removals: dict[int, list[int]] = {}
+            for node in sorted(parent_of):
+                if find(node) != node:
+                    removals.setdefault(node[0], []).append(node[1])
+                    self.stat_update(StatHints.dropped)
+            # every rank gets a .remove file, empty when it keeps everything (datatrove's filter warns otherwise)
+            for file_id in sigs:
+                removals.setdefault(file_id, [])
+            for file_id, docs in removals.items():
+                with self.output_folder.open(f"{file_id:06d}.remove", "wb") as out:
+                    out.write(b"".join(struct.pack("<I", d) for d in sorted(docs)))
