@@ -69,6 +69,7 @@ class DecoderConfig:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
+    # The four matrices are tensors, or quant.linear.QuantLinear modules for a quantized checkpoint.
     qkv: torch.Tensor  # ((heads + 2 * kv_heads) * head_dim, hidden): q, k, v stacked
     qkv_bias: torch.Tensor | None
     o: torch.Tensor  # (hidden, heads * head_dim)
@@ -93,8 +94,17 @@ class LlamaDecoder:
     """Weights + forward. Stateless across steps: the KV cache is passed in."""
 
     def __init__(self, cfg: DecoderConfig, state: dict[str, torch.Tensor], *, device: torch.device,
-                 dtype: torch.dtype, source: str = "checkpoint", use_cpu_kernels: bool = True) -> None:
+                 dtype: torch.dtype, source: str = "checkpoint", use_cpu_kernels: bool = True,
+                 quantization: dict[str, Any] | None = None) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        # A quantized checkpoint (config.json `quantization_config`): its linears become quant/linear.py modules,
+        # run on the torch path (our C kernels are fp32-only).
+        quant = None
+        if quantization is not None:
+            from quant.linear import QuantizedWeights
+
+            quant = QuantizedWeights(state, quantization, source=source, dtype=dtype)
+            use_cpu_kernels = False
         # Our C kernels (serve/worker/kernels) cover fp32 on CPU; everything else runs on torch ops.
         self.kernels = None
         if use_cpu_kernels and device.type == "cpu" and dtype == torch.float32:
@@ -114,6 +124,12 @@ class LlamaDecoder:
         self.embed = take("model.embed_tokens.weight")  # (vocab, hidden)
         self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else take("lm_head.weight")
         self.final_norm = take("model.norm.weight")
+
+        def linear(prefix: str, names: list[str]):
+            if quant is not None and quant.is_quantized(prefix + names[0]):
+                return quant.linear([prefix + n for n in names])
+            return torch.cat([take(prefix + n + ".weight") for n in names])
+
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -122,13 +138,15 @@ class LlamaDecoder:
                 bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             self.layers.append(LayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                qkv=linear(p, [f"self_attn.{n}_proj" for n in "qkv"]),
                 qkv_bias=bias,
-                o=take(p + "self_attn.o_proj.weight"),
+                o=linear(p, ["self_attn.o_proj"]),
                 post_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                down=take(p + "mlp.down_proj.weight"),
+                gate_up=linear(p, ["mlp.gate_proj", "mlp.up_proj"]),
+                down=linear(p, ["mlp.down_proj"]),
             ))
+        if quant is not None:
+            self.kernel_path = f"torch ops with quantized linears: {quant.describe()}"
         # RoPE tables, as transformers' default rotary embedding: inv_freq over even dims, cos/sin of
         # cat(freqs, freqs) in fp32, cast to the activation dtype when applied.
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float().to(device)
@@ -160,13 +178,15 @@ class LlamaDecoder:
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         return cls(cfg, _load_state_dict(path), device=device, dtype=dtype, source=str(path),
-                   use_cpu_kernels=use_cpu_kernels)
+                   use_cpu_kernels=use_cpu_kernels, quantization=config.get("quantization_config"))
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int]:
         return (num_blocks * block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear; a few rows (decode of one or a few sequences) go to the weight-streaming kernel."""
+        if not isinstance(weight, torch.Tensor):  # a quantized linear (quant/linear.py)
+            return weight(x, bias)
         if self.kernels is not None and x.shape[0] <= cpu_kernels.MAX_SMALL_M:
             return self.kernels.linear_small_m(x.contiguous(), weight, bias)
         return F.linear(x, weight, bias)
@@ -195,17 +215,17 @@ class LlamaDecoder:
         sin = self.rope_sin[positions].to(x.dtype)[:, None, :]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = self._rms_norm(x, layer.input_norm)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
+            qkv = self._linear(h, layer.qkv, layer.qkv_bias)  # (T, (heads + 2 kv_heads) * head_dim)
             q = qkv[:, :num_q].view(-1, cfg.num_heads, hd)  # (T, heads, head_dim)
             k = qkv[:, num_q:num_q + num_kv].view(-1, cfg.num_kv_heads, hd)  # (T, kv_heads, head_dim)
             v = qkv[:, num_q + num_kv:].reshape(-1, cfg.num_kv_heads, hd)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             attn = paged_attention(q, k_cache, v_cache, meta, self.scale)  # (T, heads, head_dim)
-            x = x + F.linear(attn.reshape(-1, num_q), layer.o)
+            x = x + self._linear(attn.reshape(-1, num_q), layer.o)
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)  # (T, intermediate) each
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = self._linear(h, layer.gate_up).chunk(2, dim=-1)  # (T, intermediate) each
+            x = x + self._linear(F.silu(gate) * up, layer.down)
         return self._rms_norm(x, self.final_norm)
 
     def _forward_kernels(self, input_ids: torch.Tensor, positions: torch.Tensor,

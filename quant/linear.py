@@ -1,0 +1,186 @@
+"""Runtime quantized linears for the native engine: `layer(x, bias) == F.linear(x, W_dequantized, bias)`.
+
+Kernels on CPU (torch 2.13):
+- `Int4Linear`: `aten._weight_int4pack_mm_for_cpu` — 4-bit codes, per-group (scale, zero) with
+  W = (q - 8) · scale + zero_fp. Any uniform grid of ≤ 4 bits fits: GPTQ's W = (q - z) · s is the same
+  with zero_fp = (8 - z) · s, and 2/3-bit codes are 4-bit codes that use part of the range. Needs
+  out_features % 16 == 0 and a group of 32/64/128/256 (per-channel uses the largest that divides K, with
+  the row's scale repeated). Act-order groups (g_idx not contiguous) become contiguous by permuting
+  the input columns once at load and x's columns at run time.
+- `Int8Linear`: `torch._weight_int8pack_mm` — int8 weights, one fp scale per output channel
+  (symmetric). An asymmetric per-channel grid adds one rank-1 correction:
+  x · ((q - z) s)ᵀ = s ⊙ (x · (q - 128)ᵀ) - rowsum(x) · ((z - 128) s).
+- `DequantLinear`: everything else (NF4, 8-bit groups, shapes the kernels refuse): the compact form is
+  kept and dequantized at every call ("dequantize-on-the-fly"), the fallback the engine reports.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quant import primitives as P
+
+INT4_GROUPS = (256, 128, 64, 32)
+
+
+class QuantLinear:
+    """A quantized weight (out_features, in_features) with nn.Linear's math; `path` names the kernel."""
+
+    path: str = "?"
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.matmul(x)
+        return y if bias is None else y + bias
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # (T, K) -> (T, N)
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:  # (N, K) fp32
+        raise NotImplementedError
+
+
+class Int4Linear(QuantLinear):
+    path = "int4 packed matmul (aten._weight_int4pack_mm_for_cpu)"
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+        """q (N, K) ints < 16, scales/zeros (N, G) of the grid W = (q - zeros) · scales, g_idx (K,)."""
+        N, K = q.shape
+        self.out_features, self.in_features, self.dtype = N, K, dtype
+        self.perm = None
+        if not bool((g_idx[1:] >= g_idx[:-1]).all()):  # act-order: sort columns by group
+            self.perm = torch.argsort(g_idx, stable=True)
+            q, g_idx = q[:, self.perm], g_idx[self.perm]
+        counts = torch.bincount(g_idx)
+        group = int(counts[0])
+        if not bool((counts == group).all()):
+            raise ValueError("groups of unequal size")
+        step = group if group in INT4_GROUPS else next((s for s in INT4_GROUPS if group % s == 0), None)
+        if step is None:
+            raise ValueError(f"group size {group} is not a multiple of 32")
+        rep = group // step  # kernel groups per quantization group
+        scale = scales.repeat_interleave(rep, dim=1).float()  # (N, K / step)
+        zero_fp = (8 - zeros.repeat_interleave(rep, dim=1).float()) * scale
+        self.group = step
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.scales_and_zeros = torch.stack([scale.t(), zero_fp.t()], dim=-1).contiguous().to(dtype)  # (K/step, N, 2)
+
+    @staticmethod
+    def supports(bits: int, q: torch.Tensor, g_idx: torch.Tensor) -> bool:
+        N, K = q.shape
+        groups = torch.bincount(g_idx)
+        group = int(groups[0]) if len(groups) else 0
+        return (bits <= 4 and N % 16 == 0 and bool((groups == group).all()) and group % 32 == 0
+                and K % 2 == 0 and q.device.type == "cpu")
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x[:, self.perm]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_and_zeros)
+
+
+class Int8Linear(QuantLinear):
+    path = "int8 packed matmul (aten._weight_int8pack_mm)"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """q (N, K) ints in [0, 255] with W = (q - zero) · scale per row; zero None means q is already signed."""
+        self.out_features, self.in_features = q.shape
+        if zero is None:
+            self.weight = q.to(torch.int8).contiguous()
+            self.correction = None
+        else:
+            self.weight = (q.to(torch.int32) - 128).to(torch.int8).contiguous()
+            corr = (zero.float() - 128) * scale.float()  # (N,)
+            self.correction = corr.to(dtype) if bool((corr != 0).any()) else None
+        self.scale = scale.float().contiguous().to(dtype)  # (N,)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.contiguous(), self.weight, self.scale)
+        if self.correction is not None:
+            y = y - x.sum(dim=-1, keepdim=True) * self.correction
+        return y
+
+
+class DequantLinear(QuantLinear):
+    """Compact storage, dequantized at each call. `make` rebuilds the (N, K) weight."""
+
+    def __init__(self, make, shape: tuple[int, int], dtype: torch.dtype, what: str) -> None:
+        self.make, self.dtype = make, dtype
+        self.out_features, self.in_features = shape
+        self.path = f"dequantize-on-the-fly ({what}: no low-bit kernel on this device)"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.make().to(x.dtype))
+
+
+class ConcatLinear(QuantLinear):
+    """Several quantized linears on the same input whose grids cannot be fused (e.g. act-order q/k/v)."""
+
+    def __init__(self, parts: list[QuantLinear]) -> None:
+        self.parts = parts
+        self.out_features = sum(p.out_features for p in parts)
+        self.in_features = parts[0].in_features
+        self.path = parts[0].path
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.matmul(x) for p in self.parts], dim=-1)
+
+
+def grid_linear(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                dtype: torch.dtype) -> QuantLinear:
+    """The fastest module for a uniform grid: q (N, K), scales/zeros (N, G), g_idx (K,)."""
+    if Int4Linear.supports(bits, q, g_idx):
+        return Int4Linear(q, scales, zeros, g_idx, dtype)
+    if bits == 8 and scales.shape[1] == 1 and q.device.type == "cpu":
+        return Int8Linear(q, scales[:, 0], zeros[:, 0], dtype)
+    s, z, g = scales.float(), zeros.float(), g_idx.long()
+    codes = q.to(torch.uint8)
+    why = f"{bits}-bit, {scales.shape[1]} group(s), {q.shape[0]} outputs"
+    return DequantLinear(lambda: P.dequantize_groups(codes, s, z, g), tuple(q.shape), dtype, why)
+
+
+def fuse_grids(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], bits: int,
+               dtype: torch.dtype) -> QuantLinear:
+    """Stack linears that read the same input (q/k/v, gate/up) along the output dimension into one."""
+    if all(torch.equal(p[3], parts[0][3]) for p in parts):
+        q, s, z = (torch.cat([p[i] for p in parts]) for i in range(3))
+        return grid_linear(q, s, z, parts[0][3], bits, dtype)
+    return ConcatLinear([grid_linear(*p, bits=bits, dtype=dtype) for p in parts])
+
+
+class QuantizedWeights:
+    """The quantized linears of a checkpoint's state dict, for the engine: `linear([names])` gives one module
+    for linears that read the same input (fused along the output dimension), `paths` what runs them."""
+
+    def __init__(self, state: dict[str, torch.Tensor], qconfig: dict, *, source: str, dtype: torch.dtype) -> None:
+        from quant.formats import method_of
+
+        self.state, self.source, self.dtype = state, source, dtype
+        self.format, self.bits = method_of(qconfig, source)
+        self.paths: dict[str, int] = {}
+
+    def is_quantized(self, name: str) -> bool:
+        return f"{name}.weight" not in self.state or self.state[f"{name}.weight"].dtype in (torch.int8, torch.uint8)
+
+    def linear(self, names: list[str]) -> QuantLinear:
+        from quant import formats
+
+        if self.format == "gptq":
+            mod = fuse_grids([formats.read_grid(self.state, n, self.bits, self.source) for n in names], self.bits,
+                             self.dtype)
+        elif self.format == "int8":
+            q = torch.cat([formats._need(self.state, f"{n}.weight", self.source) for n in names])
+            scb = torch.cat([formats._need(self.state, f"{n}.SCB", self.source) for n in names]).float()
+            mod = Int8Linear(q, scb / 127, None, self.dtype)
+        else:
+            parts = [formats.read_nf4_codes(self.state, n, self.source) for n in names]  # (packed, absmax, shape, bs)
+            shape = (sum(p[2][0] for p in parts), parts[0][2][1])
+            mod = DequantLinear(lambda: torch.cat([P.dequantize_nf4(*p) for p in parts]), shape, self.dtype, "nf4")
+        self.paths[mod.path] = self.paths.get(mod.path, 0) + 1
+        return mod
+
+    def describe(self) -> str:
+        return "; ".join(f"{path} x{count}" for path, count in self.paths.items())
