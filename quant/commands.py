@@ -1,3 +1,5 @@
-"""Subcommands of the quant package (none yet: `lmforge quantize` arrives with issue 5)."""
+"""Subcommands of the quant package: `lmforge quantize` (issue 5)."""
 
-COMMANDS: list[str] = []
+COMMANDS = [
+    "quant.cli:add_command",
+]

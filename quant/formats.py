@@ -203,8 +203,8 @@ def dequantized_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(f)))
     out: dict[str, torch.Tensor] = {}
-    bases = {k.rsplit(".", 1)[0] for k in state if k.endswith((".qweight", ".SCB", f".{NF4_STATE_KEY}"))}
-    bases = {b.removesuffix(".weight") for b in bases}
+    markers = (".qweight", ".SCB", f".weight.{NF4_STATE_KEY}")  # one per quantized linear
+    bases = {k[:-len(m)] for k in state for m in markers if k.endswith(m)}
     for name in bases:
         if fmt == "gptq":
             q, s, z, g = read_grid(state, name, bits, str(path))

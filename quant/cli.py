@@ -1,0 +1,198 @@
+"""`lmforge quantize`: one method (`--method`) or several (`--compare`), each a checkpoint under
+--output-dir, then the report (report.json, report.md, size_vs_perplexity.png in --output-dir).
+
+Everything that can be wrong with the input is checked before anything is written: the method specs,
+the checkpoint (hashes verified, not already quantized), the group size against the model's shapes,
+the calibration text (not empty, not shorter than --seq-len), the output directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from lifecycle.errors import CheckpointError, ConfigError
+
+DEFAULT_COMPARE = "gptq:4:128,gptq:3:128,rtn:4:128,int8,nf4"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_wikitext() -> Path:
+    root = Path(os.environ.get("LMFORGE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    return root / "pretrain" / "wikitext-2" / "test.txt"
+
+
+def add_command(sub: Any) -> None:
+    from lifecycle.cli import add_subcommand
+
+    p = add_subcommand(sub, "quantize", help="quantize a checkpoint (GPTQ, RTN, int8, NF4) and report what it cost",
+                       example="lmforge quantize runs/small/final --compare gptq:4:128,gptq:3:128,rtn:4:128,int8,nf4 "
+                               "-o runs/small/quant")
+    p.add_argument("checkpoint", help="checkpoint directory (unquantized; its hashes are verified)")
+    p.add_argument("-o", "--output-dir", required=True, help="one checkpoint per method is written here, plus the report")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--method", default=None, help="METHOD[:BITS[:GROUP]]: gptq:4:128, rtn:3:channel, int8, nf4 "
+                                                      "(default gptq:4:128)")
+    which.add_argument("--compare", default=None, help=f"comma-separated methods to run and compare (e.g. {DEFAULT_COMPARE})")
+    p.add_argument("--calibration-data", nargs="+", default=None,
+                   help="calibration text files (jsonl/json/txt/parquet/csv); default: the checkpoint's training data "
+                        "named in its manifest")
+    p.add_argument("--text-field", default="text", help="field holding the text in --calibration-data")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration sequences (GPTQ)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (GPTQ)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grids (default symmetric)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ with --act-order: groups fixed before solving")
+    p.add_argument("--no-true-sequential", action="store_true", help="GPTQ: calibrate a block's linears all at once")
+    p.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ: damping as a share of mean(diag H)")
+    p.add_argument("--block-size", type=int, default=128, help="GPTQ: columns per lazy batch update")
+    p.add_argument("--no-double-quant", action="store_true", help="nf4: keep absmax in fp32")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity block")
+    p.add_argument("--eval-blocks", type=int, default=40, help="perplexity blocks per held-out set")
+    p.add_argument("--wikitext", default=str(default_wikitext()),
+                   help="WikiText-2 text for perplexity ('none' to skip; skipped with a note when absent)")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded to measure speed (0: skip)")
+    p.add_argument("--no-eval", action="store_true", help="write the checkpoints only: no perplexity, no speed")
+    p.add_argument("--overwrite", action="store_true", help="replace existing method directories")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _slug(label: str) -> str:
+    return label.replace(":", "-")
+
+
+def run(args: Any) -> int:
+    from quant.config import parse_spec
+    from quant.quantize import calibration_ids, check_shapes, open_source
+
+    progress = not args.no_progress
+    specs = [s for s in (args.compare or args.method or "gptq:4:128").split(",") if s.strip()]
+    if not specs:
+        raise ConfigError("--compare: no methods given")
+    overrides = dict(num_samples=args.num_samples, seq_len=args.seq_len, sym=not args.asym, act_order=args.act_order,
+                     static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
+                     damp_percent=args.damp_percent, block_size=args.block_size,
+                     double_quant=not args.no_double_quant, seed=args.seed)
+    cfgs = [parse_spec(s, **overrides) for s in specs]
+    labels = [c.label for c in cfgs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--compare: a method is listed twice ({', '.join(labels)})")
+    if args.eval_seq_len < 2 or args.eval_blocks < 1 or args.decode_tokens < 0:
+        raise ConfigError("--eval-seq-len must be >= 2, --eval-blocks >= 1, --decode-tokens >= 0")
+    src = open_source(args.checkpoint)
+    for cfg in cfgs:
+        check_shapes(src, cfg)
+    out = Path(args.output_dir)
+    targets = [out / _slug(label) for label in labels]
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise CheckpointError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+    calib, calib_source = None, "-"
+    if any(c.method == "gptq" for c in cfgs):
+        calib, calib_source = calibration_ids(src, cfgs[0], args.calibration_data, args.text_field)
+    eval_sets = {} if args.no_eval else _eval_sets(src, args)
+
+    from quant.quantize import quantize_checkpoint
+    from quant.report import decode_speed, load_dequantized, perplexity, relative, sizes, write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    before: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    base_speed: dict[str, Any] = {}
+    if eval_sets:
+        parent_model = src.load_model(dtype=_f32()).eval()
+        before = {name: perplexity(parent_model, blocks, desc=f"ppl {name} (fp32)", progress=progress)
+                  for name, blocks in eval_sets.items()}
+        del parent_model
+        if args.decode_tokens:
+            base_speed = decode_speed(src.path, _prompt(src), args.decode_tokens)
+        rows.append({"method": "fp32 (parent)", "bits": 32, "group_size": None, "linear_size_vs_fp16": 2.0,
+                     "size_vs_fp16": 2.0, "perplexity": {n: {"before": v, "after": v, "relative_change": 0.0}
+                                                         for n, v in before.items()},
+                     "calibration_s": None, "quantize_s": None, **base_speed})
+    for cfg, target in zip(cfgs, targets):
+        print(f"== {cfg.label} -> {target}")
+        t0 = time.perf_counter()
+        outcome = quantize_checkpoint(src, target, cfg, calib=calib, calib_source=calib_source, progress=progress,
+                                      overwrite=args.overwrite)
+        row: dict[str, Any] = {"method": cfg.label, "bits": cfg.bits, "group_size": cfg.group_size or "channel"
+                               if cfg.method in ("gptq", "rtn") else None, "checkpoint": str(target),
+                               "calibration_s": outcome.calibration_s if cfg.method == "gptq" else None,
+                               "quantize_s": time.perf_counter() - t0, "config": cfg.to_dict(),
+                               **sizes(src.config, target)}
+        if cfg.method == "nf4":
+            row["group_size"] = f"block {cfg.nf4_blocksize}"
+        if eval_sets:
+            model = load_dequantized(src.path, target)
+            row["perplexity"] = {}
+            for name, blocks in eval_sets.items():
+                after = perplexity(model, blocks, desc=f"ppl {name} ({cfg.label})", progress=progress)
+                row["perplexity"][name] = {"before": before[name], "after": after,
+                                           "relative_change": relative(after, before[name])}
+            del model
+            if args.decode_tokens:
+                speed = decode_speed(target, _prompt(src), args.decode_tokens)
+                row.update(speed)
+                if base_speed.get("decode_tokens_per_s") and speed.get("decode_tokens_per_s"):
+                    row["decode_speedup_vs_fp32"] = speed["decode_tokens_per_s"] / base_speed["decode_tokens_per_s"]
+        rows.append(row)
+    report = {"meta": {"checkpoint": str(src.path), "calibration": calib_source,
+                       "num_samples": int(calib.shape[0]) if calib is not None else 0, "seq_len": args.seq_len,
+                       "eval_seq_len": args.eval_seq_len, "eval_blocks": {n: int(b.shape[0]) for n, b in eval_sets.items()},
+                       "decode_tokens": args.decode_tokens, "notes": getattr(args, "_notes", [])},
+              "eval_sets": list(eval_sets), "rows": rows}
+    report["meta"]["eval_blocks"] = max(report["meta"]["eval_blocks"].values(), default=0)
+    paths = write_report(report, out)
+    from quant.report import markdown
+
+    print(markdown(report))
+    for note in report["meta"]["notes"]:
+        print(f"note: {note}")
+    print(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return 0
+
+
+def _f32():
+    import torch
+
+    return torch.float32
+
+
+def _prompt(src) -> list[int]:
+    tok = src.load_tokenizer()
+    ids = tok("def main():\n    import os\n", add_special_tokens=False)["input_ids"]
+    return ids or [random.Random(0).randrange(src.config["vocab_size"])]
+
+
+def _eval_sets(src, args) -> dict[str, Any]:
+    """Held-out blocks: the checkpoint's own corpus and WikiText-2 (when the file is there)."""
+    from lifecycle.errors import DataError
+    from quant import calibration
+
+    tok = src.load_tokenizer()
+    max_len = int(src.config.get("max_position_embeddings", args.eval_seq_len))
+    seq_len = min(args.eval_seq_len, max_len)
+    args._notes = []
+    sets = {}
+    try:
+        sets["own"] = calibration.eval_blocks(tok, calibration.heldout_texts(src), seq_len=seq_len,
+                                              max_blocks=args.eval_blocks, source=f"{src.path} held-out data")
+    except DataError as err:
+        args._notes.append(f"own held-out text skipped: {err}")
+    if args.wikitext and args.wikitext.lower() != "none":
+        path = Path(args.wikitext)
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            sets["wikitext2"] = calibration.eval_blocks(tok, [text], seq_len=seq_len, max_blocks=args.eval_blocks,
+                                                        source=str(path))
+        else:
+            args._notes.append(f"WikiText-2 skipped: {path} not found")
+    if not sets:
+        raise DataError("no held-out text for perplexity: " + "; ".join(args._notes) + " (or pass --no-eval)")
+    args.eval_seq_len = seq_len
+    return sets
