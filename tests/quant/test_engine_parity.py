@@ -1,0 +1,84 @@
+"""Our engine on quantized checkpoints: the low-bit kernel it reports, and greedy output equal to
+transformers' on the same checkpoint (fp32 math on the dequantized weights, and the reference libraries)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant.report import load_dequantized
+from serve.engine.llm_engine import EngineConfig, LLMEngine
+from serve.types import SamplingParams
+
+PROMPTS = ["import os\n\ndef main():", "The socket module provides access to the BSD socket interface", "Return"]
+CASES = [("gptq:4:32", dict(act_order=True, sym=False), "int4 packed matmul"),
+         ("rtn:3:64", dict(sym=False), "int4 packed matmul"),  # 3-bit codes run on the 4-bit kernel
+         ("gptq:4:channel", {}, "int4 packed matmul"),
+         ("gptq:8:channel", dict(sym=False), "int8 packed matmul"),  # asymmetric: the rank-1 zero correction
+         ("gptq:8:32", {}, "dequantize-on-the-fly"),  # no grouped int8 kernel
+         ("int8", {}, "int8 packed matmul"),
+         ("nf4", {}, "dequantize-on-the-fly")]
+
+
+def _engine_greedy(path, tokenizer):
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu", max_num_batched_tokens=24))
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
+    outs = engine.generate([tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS], params)
+    return engine, outs
+
+
+def _hf_greedy(model, tokenizer):
+    res = []
+    for p in PROMPTS:
+        ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                                 output_logits=True, return_dict_in_generate=True)
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        lps = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, new)]
+        res.append((new, lps))
+    return res
+
+
+@pytest.mark.parametrize("spec,overrides,path_name", CASES, ids=[c[0] for c in CASES])
+def test_engine_greedy_equals_transformers_on_dequantized_weights(spec, overrides, path_name, quantized,
+                                                                  tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    path = quantized(spec, **overrides)
+    tok = AutoTokenizer.from_pretrained(path)
+    engine, outs = _engine_greedy(path, tok)
+    assert path_name in engine.runner.model.kernel_path
+    ref = _hf_greedy(load_dequantized(tiny_checkpoint, path), tok)
+    for out, (tokens, lps) in zip(outs, ref):
+        assert list(out.outputs[0].token_ids) == tokens
+        got = torch.tensor([lp.chosen.logprob for lp in out.outputs[0].logprobs])
+        # The kernels round activations differently (int4pack: bf16-free fp32 but another summation order).
+        torch.testing.assert_close(got, torch.tensor(lps), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("spec,overrides", [("gptq:4:32", dict(act_order=True, sym=False)), ("nf4", {}), ("int8", {})],
+                         ids=["gptq", "nf4", "int8"])
+def test_engine_greedy_equals_transformers_with_the_reference_library(spec, overrides, quantized):
+    """transformers + GPTQModel / bitsandbytes on the very same files. LLM.int8 casts activations to fp16 and
+    decomposes outliers, so for int8 the per-token logprob error is bounded and reported instead."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pytest.importorskip("gptqmodel" if spec.startswith("gptq") else "bitsandbytes")
+    path = quantized(spec, **overrides)
+    tok = AutoTokenizer.from_pretrained(path)
+    _, outs = _engine_greedy(path, tok)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
+    ref = _hf_greedy(model, tok)
+    worst = 0.0
+    for out, (tokens, lps) in zip(outs, ref):
+        n = len(tokens)
+        if spec != "int8":
+            assert list(out.outputs[0].token_ids) == tokens
+        else:  # compare up to the first divergence
+            same = [a == b for a, b in zip(out.outputs[0].token_ids, tokens)]
+            n = same.index(False) if False in same else n
+        got = torch.tensor([lp.chosen.logprob for lp in out.outputs[0].logprobs][:n])
+        worst = max(worst, float((got - torch.tensor(lps[:n])).abs().max()) if n else 0.0)
+    print(f"{spec}: max |logprob(engine) - logprob(transformers + library)| over greedy tokens = {worst:.2e}")
+    assert worst < (5e-2 if spec == "int8" else 1e-2)
