@@ -1,0 +1,92 @@
+"""`lmforge quantize`: end to end on a trained tiny model, and every bad input of issue 5 as a one-line
+error with nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lifecycle.cli import main
+
+FAST = ["--num-samples", "8", "--seq-len", "64", "--eval-seq-len", "64", "--eval-blocks", "8", "--decode-tokens", "8",
+        "--no-progress", "--wikitext", "none"]
+
+
+def test_compare_writes_checkpoints_and_report(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_checkpoint), "-o", str(out), "--compare", "gptq:3:32,rtn:3:32,int8,nf4",
+                 *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["fp32 (parent)", "gptq:3:32", "rtn:3:32", "int8", "nf4"]
+    for name in ("gptq-3-32", "rtn-3-32", "int8", "nf4"):
+        assert (out / name / "manifest.json").is_file()
+    assert (out / "report.md").read_text().count("\n|") == 1 + 1 + 5
+    assert (out / "size_vs_perplexity.png").stat().st_size > 1000
+    ppl = {m: r["perplexity"]["own"] for m, r in rows.items()}
+    assert ppl["gptq:3:32"]["after"] < ppl["rtn:3:32"]["after"]  # GPTQ beats RTN at the same bits and groups
+    assert abs(ppl["int8"]["relative_change"]) < 0.005
+    assert rows["gptq:3:32"]["calibration_s"] > 0 and rows["rtn:3:32"]["calibration_s"] is None
+    assert rows["int8"]["linear_size_vs_fp16"] < 0.55 and rows["gptq:3:32"]["linear_size_vs_fp16"] < 0.3
+    assert "int4 packed matmul" in rows["gptq:3:32"]["engine_path"]
+    assert rows["nf4"]["decode_tokens_per_s"] > 0
+    assert "| gptq:3:32 | 3 | 32 |" in capsys.readouterr().out
+
+
+def _fails(argv, capsys, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--method", "gptq:5:32"], ["bits", "5 is not supported"]),
+    (["--method", "gptq:4:48"], ["group size 48 does not divide the input dimension 64", "hidden_size"]),
+    (["--compare", "gptq:4:32,bogus"], ["unknown method 'bogus'"]),
+    (["--method", "int8:8"], ["takes no bits"]),
+])
+def test_bad_method_specs(extra, needles, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    _fails(["quantize", str(tiny_checkpoint), "-o", str(out), *extra, *FAST], capsys, *needles)
+    assert not out.exists()
+
+
+def test_bad_calibration_data(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    _fails(["quantize", str(tiny_checkpoint), "-o", str(out), "--calibration-data", str(empty), "--method", "gptq:4:32", *FAST], capsys,
+           "calibration set is empty")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words\n")
+    _fails(["quantize", str(tiny_checkpoint), "-o", str(out), "--calibration-data", str(short), "--method", "gptq:4:32", *FAST], capsys,
+           "shorter than --seq-len 64")
+    assert not out.exists()
+
+
+def test_already_quantized_and_corrupted_checkpoints(tiny_checkpoint, quantized, tmp_path, capsys):
+    out = tmp_path / "q"
+    child = quantized("int8")
+    capsys.readouterr()  # making the fixture printed progress
+    _fails(["quantize", str(child), "-o", str(out), "--method", "nf4", *FAST], capsys,
+           "already quantized (int8)", str(tiny_checkpoint.resolve()))
+    bad = tmp_path / "corrupt"
+    shutil.copytree(tiny_checkpoint, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    _fails(["quantize", str(bad), "-o", str(out), "--method", "rtn:4:32", *FAST], capsys,
+           "model.safetensors: sha256 does not match")
+    assert not out.exists()
+
+
+def test_existing_output_is_not_replaced(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    (out / "rtn-4-32").mkdir(parents=True)
+    _fails(["quantize", str(tiny_checkpoint), "-o", str(out), "--method", "rtn:4:32", *FAST], capsys,
+           "already exists")
+    assert list((out / "rtn-4-32").iterdir()) == []
