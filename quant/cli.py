@@ -34,8 +34,9 @@ def add_command(sub: Any) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (unquantized; its hashes are verified)")
     p.add_argument("-o", "--output-dir", required=True, help="one checkpoint per method is written here, plus the report")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--method", default=None, help="METHOD[:BITS[:GROUP]]: gptq:4:128, rtn:3:channel, int8, nf4 "
-                                                      "(default gptq:4:128)")
+    which.add_argument("--method", default=None, help="METHOD[:BITS[:GROUP]][@SOLVER]: gptq:4:128, rtn:3:channel, int8, "
+                                                      "nf4, gptq:4:128@gptqmodel (GPTQModel's solver; default "
+                                                      "gptq:4:128 with ours)")
     which.add_argument("--compare", default=None, help=f"comma-separated methods to run and compare (e.g. {DEFAULT_COMPARE})")
     p.add_argument("--calibration-data", nargs="+", default=None,
                    help="calibration text files (jsonl/json/txt/parquet/csv); default: the checkpoint's training data "
@@ -63,7 +64,7 @@ def add_command(sub: Any) -> None:
 
 
 def _slug(label: str) -> str:
-    return label.replace(":", "-")
+    return label.replace(":", "-").replace("@", "-")
 
 
 def run(args: Any) -> int:
@@ -118,8 +119,14 @@ def run(args: Any) -> int:
     for cfg, target in zip(cfgs, targets):
         print(f"== {cfg.label} -> {target}")
         t0 = time.perf_counter()
-        outcome = quantize_checkpoint(src, target, cfg, calib=calib, calib_source=calib_source, progress=progress,
-                                      overwrite=args.overwrite)
+        if cfg.solver == "gptqmodel":
+            from quant.gptqmodel_backend import quantize_with_gptqmodel
+
+            outcome = quantize_with_gptqmodel(src, target, cfg, calib, calib_source=calib_source,
+                                              overwrite=args.overwrite)
+        else:
+            outcome = quantize_checkpoint(src, target, cfg, calib=calib, calib_source=calib_source,
+                                          progress=progress, overwrite=args.overwrite)
         row: dict[str, Any] = {"method": cfg.label, "bits": cfg.bits, "group_size": cfg.group_size or "channel"
                                if cfg.method in ("gptq", "rtn") else None, "checkpoint": str(target),
                                "calibration_s": outcome.calibration_s if cfg.method == "gptq" else None,

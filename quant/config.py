@@ -30,7 +30,7 @@ class QuantConfig:
     seq_len: int = 512  # tokens per calibration sequence
     double_quant: bool = True  # nf4: quantize the absmax constants too (QLoRA §3)
     nf4_blocksize: int = 64
-    quantize_lm_head: bool = False  # embeddings are never quantized; the LM head only when asked
+    solver: str = "lmforge"  # gptq: our solver (quant/gptq.py) or GPTQModel's ("gptqmodel")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,22 +59,29 @@ class QuantConfig:
             raise ConfigError(f"--seq-len: {self.seq_len} must be at least 2")
         if self.nf4_blocksize not in (64, 128, 256):
             raise ConfigError(f"--nf4-blocksize: {self.nf4_blocksize}; use 64, 128 or 256")
-        if self.quantize_lm_head and self.method != "rtn" and self.method != "gptq":
-            raise ConfigError("--quantize-lm-head is supported for gptq and rtn only")
+        if self.solver not in ("lmforge", "gptqmodel"):
+            raise ConfigError(f"solver {self.solver!r}: use lmforge or gptqmodel (e.g. gptq:4:128@gptqmodel)")
+        if self.solver == "gptqmodel" and self.method != "gptq":
+            raise ConfigError(f"solver gptqmodel quantizes gptq methods only, not {self.method}")
 
     @property
     def label(self) -> str:
         if self.method in ("int8", "nf4"):
             return self.method
-        return f"{self.method}:{self.bits}:{self.group_size or 'channel'}"
+        suffix = "@gptqmodel" if self.solver == "gptqmodel" else ""
+        return f"{self.method}:{self.bits}:{self.group_size or 'channel'}{suffix}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def parse_spec(spec: str, **overrides: Any) -> QuantConfig:
-    """`gptq:4:128`, `rtn:3:channel`, `int8`, `nf4` -> QuantConfig (other fields from `overrides`)."""
-    parts = spec.strip().lower().split(":")
+    """`gptq:4:128`, `rtn:3:channel`, `int8`, `nf4`, `gptq:4:128@gptqmodel` -> QuantConfig (other fields from
+    `overrides`)."""
+    body, _, solver = spec.strip().lower().partition("@")
+    if solver:
+        overrides = {**overrides, "solver": solver}
+    parts = body.split(":")
     method = parts[0]
     if method not in METHODS:
         raise ConfigError(f"method spec {spec!r}: unknown method {method!r}; use one of {', '.join(METHODS)} "

@@ -136,6 +136,15 @@ def write_quantized(out_dir: str | Path, parent: Checkpoint, model, cfg: QuantCo
     config["quantization_config"] = quantization_config(cfg)
     config["dtype"] = "float16"
     config.pop("torch_dtype", None)
+    return save_state(out_dir, parent, state, config, cfg, recipe_config=recipe_config, metrics=metrics,
+                      overwrite=overwrite)
+
+
+def save_state(out_dir: str | Path, parent: Checkpoint, state: dict[str, torch.Tensor], config: dict[str, Any],
+               cfg: QuantConfig, *, recipe_config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+               overwrite: bool = False) -> Checkpoint:
+    """A prepared state dict + config.json as an lmforge checkpoint: the parent's tokenizer, a greedy
+    generation_config.json, the manifest with the QuantConfig and parent, all written atomically."""
     adapter = type(config.get("architectures", ["LlamaForCausalLM"])[0], (_StateDictModel,), {})(state, config)
     return save_checkpoint(out_dir, adapter, parent.load_tokenizer(), recipe="quantize",
                            recipe_config=recipe_config or {"quant": cfg.to_dict()}, parent=parent,

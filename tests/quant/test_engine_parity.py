@@ -11,12 +11,12 @@ from serve.engine.llm_engine import EngineConfig, LLMEngine
 from serve.types import SamplingParams
 
 PROMPTS = ["import os\n\ndef main():", "The socket module provides access to the BSD socket interface", "Return"]
-CASES = [("gptq:4:32", dict(act_order=True, sym=False), "int4 packed matmul"),
-         ("rtn:3:64", dict(sym=False), "int4 packed matmul"),  # 3-bit codes run on the 4-bit kernel
-         ("gptq:4:channel", {}, "int4 packed matmul"),
-         ("gptq:8:channel", dict(sym=False), "int8 packed matmul"),  # asymmetric: the rank-1 zero correction
+CASES = [("gptq:4:32", dict(act_order=True, sym=False), "int4"),
+         ("rtn:3:64", dict(sym=False), "int4"),  # 3-bit codes run on the 4-bit kernel
+         ("gptq:4:channel", {}, "int4"),
+         ("gptq:8:channel", dict(sym=False), "int8"),  # asymmetric: the rank-1 zero correction
          ("gptq:8:32", {}, "dequantize-on-the-fly"),  # no grouped int8 kernel
-         ("int8", {}, "int8 packed matmul"),
+         ("int8", {}, "int8"),
          ("nf4", {}, "dequantize-on-the-fly")]
 
 
