@@ -90,3 +90,18 @@ def test_existing_output_is_not_replaced(tiny_checkpoint, tmp_path, capsys):
     _fails(["quantize", str(tiny_checkpoint), "-o", str(out), "--method", "rtn:4:32", *FAST], capsys,
            "already exists")
     assert list((out / "rtn-4-32").iterdir()) == []
+
+
+def test_our_solver_and_gptqmodel_agree(tiny_checkpoint, tmp_path):
+    """Same calibration sequences, same settings: perplexities within 0.5% (issue 5's bar for the two solvers)."""
+    pytest.importorskip("gptqmodel")
+    out = tmp_path / "q"
+    argv = ["quantize", str(tiny_checkpoint), "-o", str(out), "--compare", "gptq:4:32,gptq:4:32@gptqmodel", *FAST]
+    argv[argv.index("--decode-tokens") + 1] = "0"
+    assert main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    ours, theirs = rows["gptq:4:32"]["perplexity"]["own"]["after"], rows["gptq:4:32@gptqmodel"]["perplexity"]["own"]["after"]
+    assert abs(ours / theirs - 1) < 0.005, (ours, theirs)
+    manifest = json.loads((out / "gptq-4-32-gptqmodel" / "manifest.json").read_text())
+    assert manifest["recipe_config"]["solver"] == "gptqmodel"
+    assert json.loads((out / "gptq-4-32-gptqmodel" / "generation_config.json").read_text())["do_sample"] is False
