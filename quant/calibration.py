@@ -25,11 +25,26 @@ def _recipe_data(ckpt: Checkpoint) -> tuple[list[str], list[str], str, float]:
     if not data:
         raise DataError(f"{ckpt.path}: the manifest names no training data (recipe {ckpt.recipe or 'none'}); "
                         "pass --calibration-data FILE")
-    missing = [d for d in data if not Path(d).exists()]
-    if missing:
-        raise DataError(f"{ckpt.path}: training data {missing[0]} named in manifest.json is gone; "
-                        "pass --calibration-data FILE")
-    return list(data), list(rc.get("eval_data") or []), rc.get("text_field", "text"), float(rc.get("eval_fraction", 0.0))
+    data = [_relocated(ckpt, d) for d in data]
+    eval_data = [_relocated(ckpt, d) for d in rc.get("eval_data") or []]
+    return data, eval_data, rc.get("text_field", "text"), float(rc.get("eval_fraction", 0.0))
+
+
+def _relocated(ckpt: Checkpoint, recorded: str) -> str:
+    """The recorded data path, or — when a run directory was moved with its data (the demo's cache under
+    $LMFORGE_HOME) — the same trailing path under one of the checkpoint's parent directories."""
+    path = Path(recorded)
+    if path.exists():
+        return recorded
+    parts = path.parts
+    for parent in list(ckpt.path.resolve().parents)[:4]:
+        for n in (2, 3):
+            candidate = parent.joinpath(*parts[-n:])
+            if len(parts) >= n and candidate.exists():
+                print(f"note: training data {recorded} (manifest) is gone; using {candidate}")
+                return str(candidate)
+    raise DataError(f"{ckpt.path}: training data {recorded} named in manifest.json is gone; "
+                    "pass --calibration-data FILE")
 
 
 def training_texts(ckpt: Checkpoint) -> list[str]:

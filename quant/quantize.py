@@ -38,9 +38,14 @@ def open_source(path: str | Path) -> Checkpoint:
 def check_shapes(ckpt: Checkpoint, cfg: QuantConfig) -> None:
     """Group size must divide every quantized linear's input dimension (hidden and intermediate)."""
     c = ckpt.config
-    for dim, field in ((c["hidden_size"], "hidden_size"), (c["intermediate_size"], "intermediate_size")):
-        if cfg.method in ("gptq", "rtn"):
-            check_group_size(cfg.group_size, dim, where=f"{ckpt.path / 'config.json'} {field}")
+    dims = (c["hidden_size"], c["intermediate_size"])
+    for dim, field in zip(dims, ("hidden_size", "intermediate_size")):
+        if cfg.method in ("gptq", "rtn") and cfg.group_size is not None and dim % cfg.group_size:
+            fits = [g for g in (32, 64, 128, 256) if all(d % g == 0 for d in dims)]
+            raise ConfigError(f"group size {cfg.group_size} does not divide the input dimension {dim} of "
+                              f"{ckpt.path / 'config.json'} {field}; for this model use "
+                              + (", ".join(f"{cfg.method}:{cfg.bits}:{g}" for g in fits) + " or " if fits else "")
+                              + f"{cfg.method}:{cfg.bits}:channel")
         if cfg.method in ("gptq", "rtn") and dim % 32:
             raise ConfigError(f"{ckpt.path / 'config.json'}: {field} {dim} is not a multiple of 32, which the GPTQ "
                               "format's int32 packing needs")

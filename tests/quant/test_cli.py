@@ -45,7 +45,8 @@ def _fails(argv, capsys, *needles):
 
 @pytest.mark.parametrize("extra,needles", [
     (["--method", "gptq:5:32"], ["bits", "5 is not supported"]),
-    (["--method", "gptq:4:48"], ["group size 48 does not divide the input dimension 64", "hidden_size"]),
+    (["--method", "gptq:4:48"], ["group size 48 does not divide the input dimension 64", "hidden_size",
+                                 "use gptq:4:32, gptq:4:64 or gptq:4:channel"]),
     (["--compare", "gptq:4:32,bogus"], ["unknown method 'bogus'"]),
     (["--method", "int8:8"], ["takes no bits"]),
 ])
