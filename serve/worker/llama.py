@@ -97,14 +97,13 @@ class LlamaDecoder:
                  dtype: torch.dtype, source: str = "checkpoint", use_cpu_kernels: bool = True,
                  quantization: dict[str, Any] | None = None) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        # A quantized checkpoint (config.json `quantization_config`): its linears become quant/linear.py modules,
-        # run on the torch path (our C kernels are fp32-only).
+        # A quantized checkpoint (config.json `quantization_config`): its linears become quant/linear.py modules
+        # (called instead of F.linear / linear_small_m); everything else runs as usual.
         quant = None
         if quantization is not None:
             from quant.linear import QuantizedWeights
 
             quant = QuantizedWeights(state, quantization, source=source, dtype=dtype)
-            use_cpu_kernels = False
         # Our C kernels (serve/worker/kernels) cover fp32 on CPU; everything else runs on torch ops.
         self.kernels = None
         if use_cpu_kernels and device.type == "cpu" and dtype == torch.float32:
@@ -146,7 +145,7 @@ class LlamaDecoder:
                 down=linear(p, ["mlp.down_proj"]),
             ))
         if quant is not None:
-            self.kernel_path = f"torch ops with quantized linears: {quant.describe()}"
+            self.kernel_path += f" with quantized linears: {quant.describe()}"
         # RoPE tables, as transformers' default rotary embedding: inv_freq over even dims, cos/sin of
         # cat(freqs, freqs) in fp32, cast to the activation dtype when applied.
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float().to(device)
@@ -254,13 +253,17 @@ class LlamaDecoder:
             kern.write_kv(qkv, num_q, num_q + num_kv, k_cache, v_cache, meta.slot_mapping)
             q = qkv[:, :num_q].view(-1, cfg.num_heads, hd)  # (T, heads, head_dim), rows strided
             attn = paged_attention(q, k_cache, v_cache, meta, self.scale, kern).view(-1, num_q)  # (T, heads * hd)
-            if few_rows:
+            if not isinstance(layer.o, torch.Tensor):  # quantized (quant/linear.py)
+                x += layer.o(attn)
+            elif few_rows:
                 kern.linear_small_m(attn, layer.o, out=x)  # x += attn @ o^T
             else:
                 x.addmm_(attn, layer.o.t())
             h = kern.rms_norm(x, layer.post_norm, eps)
             gate_up = self._linear(h, layer.gate_up)  # (T, 2 * intermediate)
-            if few_rows:
+            if not isinstance(layer.down, torch.Tensor):
+                x += layer.down(kern.silu_mul(gate_up) if few_rows else F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            elif few_rows:
                 kern.linear_small_m(kern.silu_mul(gate_up), layer.down, out=x)
             else:  # torch's vectorised exp beats the kernel's scalar one over thousands of rows
                 x.addmm_(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.down.t())

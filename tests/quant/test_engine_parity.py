@@ -20,8 +20,9 @@ CASES = [("gptq:4:32", dict(act_order=True, sym=False), "int4"),
          ("nf4", {}, "dequantize-on-the-fly")]
 
 
-def _engine_greedy(path, tokenizer):
-    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu", max_num_batched_tokens=24))
+def _engine_greedy(path, tokenizer, use_cpu_kernels=True):
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu", max_num_batched_tokens=24,
+                                    use_cpu_kernels=use_cpu_kernels))
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
     outs = engine.generate([tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS], params)
     return engine, outs
@@ -82,3 +83,24 @@ def test_engine_greedy_equals_transformers_with_the_reference_library(spec, over
         worst = max(worst, float((got - torch.tensor(lps[:n])).abs().max()) if n else 0.0)
     print(f"{spec}: max |logprob(engine) - logprob(transformers + library)| over greedy tokens = {worst:.2e}")
     assert worst < (5e-2 if spec == "int8" else 1e-2)
+
+
+@pytest.mark.parametrize("spec,overrides", [("gptq:4:32", dict(act_order=True, sym=False)), ("int8", {}), ("nf4", {})],
+                         ids=["gptq", "int8", "nf4"])
+def test_quantized_linears_on_both_engine_paths(spec, overrides, quantized):
+    """With our fp32 C kernels for the rest of the layer, and with torch ops only: the same greedy tokens."""
+    from transformers import AutoTokenizer
+
+    path = quantized(spec, **overrides)
+    tok = AutoTokenizer.from_pretrained(path)
+    fast, fast_outs = _engine_greedy(path, tok, use_cpu_kernels=True)
+    plain, plain_outs = _engine_greedy(path, tok, use_cpu_kernels=False)
+    if fast.runner.model.kernels is None:
+        pytest.skip(f"no CPU kernels here: {fast.runner.model.kernel_path}")
+    assert "with quantized linears" in fast.runner.model.kernel_path
+    assert plain.runner.model.kernel_path.startswith("torch ops with quantized linears")
+    for a, b in zip(fast_outs, plain_outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        got = torch.tensor([lp.chosen.logprob for lp in a.outputs[0].logprobs])
+        ref = torch.tensor([lp.chosen.logprob for lp in b.outputs[0].logprobs])
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
