@@ -28,7 +28,7 @@ examples:
   lmforge pretrain --preset small --data corpus.jsonl --tokenizer tok/ --output-dir runs/small
   lmforge plan --preset base --seq-len 2048 --micro-batch-size 4
   lmforge checkpoint verify runs/small/final
-  lmforge quantize runs/small/final -o runs/small/quant --compare gptq:4:128,rtn:4:128,int8,nf4
+  lmforge quantize runs/small/final -o runs/small/quant --compare gptq:4:32,rtn:4:32,int8,nf4
   lmforge serve --model runs/small/final --port 50051
   lmforge chat --target 127.0.0.1:50051
   lmforge eval --target grpc://127.0.0.1:50051 --task arc_easy --data-root ../shared/data

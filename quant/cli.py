@@ -16,7 +16,7 @@ from typing import Any
 
 from lifecycle.errors import CheckpointError, ConfigError
 
-DEFAULT_COMPARE = "gptq:4:128,gptq:3:128,rtn:4:128,int8,nf4"
+DEFAULT_COMPARE = "gptq:4:128,gptq:3:128,rtn:4:128,int8,nf4"  # the set (g128 needs dims divisible by 128)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +29,7 @@ def add_command(sub: Any) -> None:
     from lifecycle.cli import add_subcommand
 
     p = add_subcommand(sub, "quantize", help="quantize a checkpoint (GPTQ, RTN, int8, NF4) and report what it cost",
-                       example="lmforge quantize runs/small/final --compare gptq:4:128,gptq:3:128,rtn:4:128,int8,nf4 "
+                       example="lmforge quantize runs/small/final --compare gptq:4:32,gptq:3:32,rtn:4:32,int8,nf4 "
                                "-o runs/small/quant")
     p.add_argument("checkpoint", help="checkpoint directory (unquantized; its hashes are verified)")
     p.add_argument("-o", "--output-dir", required=True, help="one checkpoint per method is written here, plus the report")

@@ -57,6 +57,10 @@ def check_shapes(ckpt: Checkpoint, cfg: QuantConfig) -> None:
 
 
 def calibration_ids(ckpt: Checkpoint, cfg: QuantConfig, files: list[str] | None, text_field: str = "text"):
+    max_len = ckpt.config.get("max_position_embeddings")
+    if max_len is not None and cfg.seq_len > max_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's context "
+                          f"(max_position_embeddings {max_len} in {ckpt.path / 'config.json'})")
     tokenizer = ckpt.load_tokenizer()
     if files:
         texts, source = calibration.file_texts(files, text_field), ", ".join(map(str, files))
