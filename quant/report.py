@@ -137,26 +137,27 @@ def _f(v: Any, spec: str) -> str:
 
 
 def plot(report: dict[str, Any], png: Path) -> None:
+    """One panel per held-out set: perplexity change vs the fp32 parent against the quantized linears' size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in report["eval_sets"]:
-        pts = [(r["linear_size_vs_fp16"], r["perplexity"][s]["after"], r["method"]) for r in report["rows"]
-               if r.get("perplexity", {}).get(s, {}).get("after") is not None]
-        if not pts:
-            continue
-        base = report["rows"][0]["perplexity"][s]["before"]
-        line = ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"{s}")
-        ax.scatter([2.0], [base], marker="*", s=120, color=line.get_facecolor()[0])  # fp32 = 2x fp16
-        for x, y, label in pts:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("quantized linears, size vs fp16 (fp32 baseline: star at 2x)")
-    ax.set_ylabel("perplexity (held-out)")
-    ax.set_title("size vs perplexity")
-    ax.legend(fontsize=8)
+    sets = report["eval_sets"] or ["-"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        rows = [r for r in report["rows"] if r.get("perplexity", {}).get(s, {}).get("after") is not None
+                and r["bits"] != 32]
+        for r in rows:
+            x, y = r["linear_size_vs_fp16"], 100 * r["perplexity"][s]["relative_change"]
+            ax.scatter([x], [y], marker="s" if r["method"].startswith("rtn") else "o")
+            ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(0.0, color="grey", linestyle="--", linewidth=0.8)
+        before = rows[0]["perplexity"][s]["before"] if rows else None
+        ax.set_title(f"{s}" + (f" (fp32 perplexity {before:.2f})" if before else ""))
+        ax.set_xlabel("quantized linears: size vs fp16")
+        ax.set_ylabel("perplexity change vs fp32 (%)")
+    fig.suptitle("lmforge quantize: size vs perplexity")
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
