@@ -47,14 +47,21 @@ def quantize_with_gptqmodel(src: Checkpoint, out_dir: str | Path, cfg: QuantConf
     tmp = out_dir.parent / f".{out_dir.name}.gptqmodel-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
+        try:  # GPTQModel writes per-module logs to ./logs (a hard-coded relative path): keep them out of the user's cwd
+            from gptqmodel.looper import loop_processor
+
+            loop_processor._PROJECT_LOG_DIR = tmp / "logs"
+        except (ImportError, AttributeError):
+            pass
         model = GPTQModel.load(str(src.path), qc, device="cpu")
         rows = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in calib]
         t0 = time.perf_counter()
         model.quantize(rows, batch_size=1)
         elapsed = time.perf_counter() - t0
-        model.save(str(tmp))
-        state = load_file(str(tmp / "model.safetensors"))
-        config = json.loads((tmp / "config.json").read_text())
+        save_dir = tmp / "saved"
+        model.save(str(save_dir))
+        state = load_file(str(save_dir / "model.safetensors"))
+        config = json.loads((save_dir / "config.json").read_text())
         recipe_config = {"quant": cfg.to_dict(), "solver": "gptqmodel", "calibration": calib_source,
                          "num_calibration_samples": int(calib.shape[0])}
         ckpt = save_state(out_dir, src, state, config, cfg, recipe_config=recipe_config, overwrite=overwrite)
