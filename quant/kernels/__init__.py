@@ -10,16 +10,14 @@ returns None, `status()` says why, and quant/linear.py uses torch's ops.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from lifecycle.native_build import build_shared_library, find_c_compiler
 
 SOURCE = Path(__file__).with_name("lowbit.c")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -82,35 +80,11 @@ def status() -> str:
 def _load() -> tuple[LowbitKernels | None, str]:
     if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
         return None, "disabled by LMFORGE_CPU_KERNELS=0"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_c_compiler()
     if compiler is None:
         return None, "no C compiler (cc/gcc) on PATH"
     try:
-        path = _build(compiler)
+        path = build_shared_library(SOURCE, "lmforge_lowbit.so", compiler, tuple(CFLAGS))
         return LowbitKernels(ctypes.CDLL(str(path))), f"built {path}"
     except (OSError, subprocess.SubprocessError, AttributeError) as err:
         return None, f"build failed: {str(err)[:200]}"
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0] if Path("/proc/cpuinfo").is_file() else ""
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, platform.machine(),
-                                    flags]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or Path.home() / ".cache" / "lmforge" / "kernels")
-    target = root / key / "lmforge_lowbit.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode:
-            raise subprocess.SubprocessError(done.stderr.strip()[-800:])
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target

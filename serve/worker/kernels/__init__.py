@@ -4,9 +4,8 @@ Why C and ctypes rather than a torch C++ extension: the source needs no torch he
 second with `cc -O3 -march=native -fopenmp`, and needs neither ninja nor a matching libtorch ABI. OpenMP resolves
 to the libgomp torch has already loaded (same soname), so kernels and torch share one thread pool.
 
-The build is cached under `$LMFORGE_KERNEL_CACHE` (default `~/.cache/lmforge/kernels`), keyed by the source, the
-flags, the compiler's version and the CPU's feature flags (`-march=native` code must not travel to another CPU).
-It is written to a temporary name and renamed, so concurrent first uses are safe.
+The build and its cache (`$LMFORGE_KERNEL_CACHE`, keyed by source, flags, compiler and CPU flags) are
+lifecycle/native_build.py's, shared with quant/kernels.
 
 Kernels are an optimisation, never a requirement: with no compiler, a failed build, a non-CPU device, a dtype
 other than fp32, or `LMFORGE_CPU_KERNELS=0`, `load()` returns None (`status()` says why) and callers use torch.
@@ -15,18 +14,16 @@ other than fp32, or `LMFORGE_CPU_KERNELS=0`, `load()` returns None (`status()` s
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lifecycle.native_build import build_shared_library, find_c_compiler
 
 log = logging.getLogger(__name__)
 
@@ -223,44 +220,11 @@ def status() -> KernelStatus:
 def _load() -> tuple[CpuKernels | None, KernelStatus]:
     if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
         return None, KernelStatus(False, "disabled by LMFORGE_CPU_KERNELS=0")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_c_compiler()
     if not compiler:
         return None, KernelStatus(False, "no C compiler (cc/gcc) on PATH; using torch ops")
     try:
-        path = _build(compiler)
+        path = build_shared_library(SOURCE, "lmforge_cpu_kernels.so", compiler, tuple(CFLAGS))
         return CpuKernels(ctypes.CDLL(str(path))), KernelStatus(True, f"built with {compiler} at {path}", str(path))
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         return None, KernelStatus(False, f"build failed ({exc}); using torch ops")
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or Path.home() / ".cache" / "lmforge" / "kernels")
-    target = root / key / "lmforge_cpu_kernels.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode:
-            raise subprocess.SubprocessError(done.stderr.strip()[-800:])
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lifecycle.native_build import build_shared_library
 from serve.worker import kernels
 from serve.worker.attention import AttentionMetadata, paged_attention
 
@@ -102,9 +103,11 @@ def test_no_compiler_falls_back(monkeypatch):
 def test_build_is_cached_and_keyed(cpu_kernels, tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path))
     compiler = shutil.which("cc") or shutil.which("gcc")
-    first = kernels._build(compiler)
+    build = lambda: build_shared_library(kernels.SOURCE, "lmforge_cpu_kernels.so", compiler,  # noqa: E731
+                                         tuple(kernels.CFLAGS))
+    first = build()
     mtime = first.stat().st_mtime_ns
-    assert kernels._build(compiler) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    assert build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
 
 
