@@ -117,6 +117,19 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def publish_directory(tmp: Path, out_dir: Path) -> None:
+    """Make the finished directory `tmp` appear at `out_dir` by renames: synced first, and an existing `out_dir` is
+    moved aside before the swap, so a crash at any point leaves the old or the new one whole."""
+    _fsync_tree(tmp)
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, trash)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
 def save_checkpoint(
     out_dir: str | Path,
     model: Any,
@@ -171,14 +184,7 @@ def save_checkpoint(
             "files": _hash_files(tmp),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
-        _fsync_tree(tmp)
-        if out_dir.exists():  # overwrite: move the old one aside first so a crash keeps one of the two
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, trash)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        publish_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,7 +27,8 @@ def save_adapter(out_dir: Path, model: Any, tokenizer: Any, *, recipe: str, reci
                  extra: dict[str, Any]) -> Path:
     """Write a PEFT adapter + tokenizer + lmforge manifest atomically (tmp dir, then rename)."""
     from lifecycle import __version__
-    from lifecycle.checkpoint import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, _fsync_tree, _hash_files, git_revision
+    from lifecycle.checkpoint import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, _hash_files, git_revision,
+                                      publish_directory)
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -46,14 +47,7 @@ def save_adapter(out_dir: Path, model: Any, tokenizer: Any, *, recipe: str, reci
             "quantization": None, "metrics": metrics, "extra": extra, "files": _hash_files(tmp),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        _fsync_tree(tmp)
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, trash)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        publish_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
