@@ -313,8 +313,9 @@ class LLMEngine:
         targets = targets[:max(0, seq.num_prompt_tokens - start - 1)]
         # Entries 0..start exist before this chunk's: the first token has no logprob, and a prefix served from
         # the cache (prompt_logprobs_start) has none either; after a recompute, later entries are redone.
-        known = (seq.prompt_logprobs or [])[:start + 1]
-        seq.prompt_logprobs = known + [None] * (start + 1 - len(known))
+        if seq.prompt_logprobs is None or len(seq.prompt_logprobs) != start + 1:  # else: the previous chunk's end
+            known = (seq.prompt_logprobs or [])[:start + 1]
+            seq.prompt_logprobs = known + [None] * (start + 1 - len(known))
         if targets:
             num_top = seq.request.params.prompt_logprobs or 0
             target_ids = torch.tensor(targets, device=logits.device)
