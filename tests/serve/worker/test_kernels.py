@@ -34,10 +34,14 @@ def _reference(q, k_cache, v_cache, tables, starts, qlens, slens, bs, scale):
     return out
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (6, 1, 40)])
-def test_paged_attention_matches_float64_reference(cpu_kernels, heads, kv_heads, head_dim):
+# Block size 16 takes the 8-keys-at-a-time scores path, 4 only its scalar tail; head_dim 36 (not a multiple of 8) the
+# scalar fallback throughout; q_scale 30 makes the softmax peaked, so most exponents underflow (the vector exp clamps).
+@pytest.mark.parametrize("heads,kv_heads,head_dim,bs,q_scale", [(8, 4, 64, 4, 1.0), (8, 4, 64, 16, 1.0),
+                                                               (4, 4, 32, 16, 1.0), (6, 1, 40, 4, 1.0),
+                                                               (4, 2, 36, 16, 1.0), (8, 4, 64, 16, 30.0)])
+def test_paged_attention_matches_float64_reference(cpu_kernels, heads, kv_heads, head_dim, bs, q_scale):
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
-    bs, num_blocks = 4, 64
+    num_blocks = 256 // bs
     k_cache = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=gen)
     v_cache = torch.randn(num_blocks * bs, kv_heads, head_dim, generator=gen)
     qlens, slens = [1, 5, 12, 1, 3], [37, 16, 12, 1, 30]  # decode, verify, whole prompt, first token, chunk
@@ -48,7 +52,7 @@ def test_paged_attention_matches_float64_reference(cpu_kernels, heads, kv_heads,
         tables.append(perm[used:used + n])
         used += n
     starts = [sum(qlens[:i]) for i in range(len(qlens))]
-    q = torch.randn(sum(qlens), heads, head_dim, generator=gen)
+    q = torch.randn(sum(qlens), heads, head_dim, generator=gen) * q_scale
     scale = head_dim ** -0.5
     ref = _reference(q, k_cache, v_cache, tables, starts, qlens, slens, bs, scale)
     meta = AttentionMetadata.build(qlens, slens, tables, bs, torch.device("cpu"))
@@ -68,14 +72,20 @@ def test_attention_kernel_writes_only_the_given_sequences(cpu_kernels):
     assert not torch.equal(out[1], torch.full_like(out[1], 7.0))
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
+# k = 203: the scalar dot-product path for every column; k = 256 with n = 78: the 4-column register tiles over 1-3
+# rows of x at a time (m = 5: a 3-row and a 2-row pass) and the scalar path for the last 2 columns.
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_small_m_matches_f_linear(cpu_kernels, m, with_bias):
+@pytest.mark.parametrize("k,n", [(203, 77), (256, 78)])
+def test_linear_small_m_matches_f_linear(cpu_kernels, m, with_bias, k, n):
     gen = torch.Generator().manual_seed(m)
-    x, w = torch.randn(m, 203, generator=gen), torch.randn(77, 203, generator=gen)  # odd sizes: the tails
-    b = torch.randn(77, generator=gen) if with_bias else None
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if with_bias else None
     ref = F.linear(x.double(), w.double(), b.double() if b is not None else None).float()
     torch.testing.assert_close(cpu_kernels.linear_small_m(x, w, b), ref, atol=1e-4, rtol=1e-5)
+    residual = torch.randn(m, n, generator=gen)  # accumulate: out += x @ w^T (+ b)
+    torch.testing.assert_close(cpu_kernels.linear_small_m(x, w, b, out=residual.clone()), ref + residual,
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_kernels_refuse_what_they_cannot_take(cpu_kernels):
