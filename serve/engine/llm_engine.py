@@ -59,6 +59,9 @@ class EngineConfig:
     speculative_method: Literal["ngram", "draft"] | None = None
     num_speculative_tokens: int = 4  # k: drafts verified per sequence and step
     draft_model: str | None = None  # checkpoint sharing the target's tokenizer, for "draft"
+    # The draft's passes of few rows stream bf16 copies of its weights (CPU kernels only: half the bytes). Drafts
+    # are proposals the target verifies, so outputs are unchanged; only which tokens get proposed can move.
+    draft_bf16_weights: bool = True
     speculative_ngram_min: int = 2
     speculative_ngram_max: int = 4
     speculative_max_num_seqs: int | None = None  # no drafts above this many running; None: 8 CPU, 32 CUDA

@@ -81,7 +81,8 @@ class Speculator:
             num_blocks = runner.num_blocks + max_num_spec_seqs * (
                 -(-config.num_speculative_tokens // config.block_size) + 1)
             proposer = DraftModelProposer(config.draft_model, device=runner.device, dtype=runner.model.dtype,
-                                          block_size=config.block_size, num_blocks=num_blocks)
+                                          block_size=config.block_size, num_blocks=num_blocks,
+                                          bf16_weights=config.draft_bf16_weights)
         max_num_seqs = config.speculative_max_num_seqs or (32 if runner.device.type == "cuda" else 8)
         return cls(proposer, num_speculative_tokens=config.num_speculative_tokens, max_num_seqs=max_num_seqs,
                    max_budget_fraction=config.speculative_max_budget_fraction,

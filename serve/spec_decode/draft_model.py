@@ -84,9 +84,12 @@ class DraftModelProposer:
     """`Proposer` backed by a draft checkpoint; see the module docstring. `remove` frees a request's KV."""
 
     def __init__(self, model_path: str | Path, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int) -> None:
+                 dtype: torch.dtype | None = None, block_size: int = 16, num_blocks: int,
+                 bf16_weights: bool = False) -> None:
         self.runner = ModelRunner(model_path, device=device, dtype=dtype, block_size=block_size,
                                   num_blocks=num_blocks)
+        # bf16 copies for the passes of few rows where the CPU kernels run them (LlamaDecoder says if it took)
+        self.bf16_weights = bf16_weights and self.runner.model.compact_few_row_weights()
         self.kv = KVCacheManager(self.runner.num_blocks, block_size, enable_prefix_caching=False)
         self._cached_token_ids: dict[RequestId, list[int]] = {}  # token ids whose draft KV is written
         self._num_committed: dict[RequestId, int] = {}  # len(token_ids) at the request's last proposal

@@ -167,6 +167,25 @@ class LlamaDecoder:
                                               layer.gate_up.data_ptr(), layer.down.data_ptr()]
                                              for layer in self.layers], dtype=torch.int64)
         self._kv_ptrs: tuple[list, torch.Tensor] | None = None  # (the kv_caches list, its addresses)
+        # compact_few_row_weights(): bf16 copies of the projections and LM head for steps of few rows
+        self._compact: dict[str, Any] | None = None
+
+    def compact_few_row_weights(self) -> bool:
+        """Run steps of few rows (a draft model's passes) on bfloat16 copies of the four projections of every
+        layer and of the LM head: a decode step of few rows streams every weight once, so half the bytes is
+        up to half the time. Prefill and large steps keep the fp32 weights; activations, norms and sums stay
+        fp32. Only for the one-call kernel path (fp32 CPU model, kernels built); returns whether it took.
+        For a draft model this changes which tokens are proposed, never the output: the target verifies."""
+        if self._layer_ptrs is None or not _is_plain_f32(self.lm_head):
+            return False
+        copies = [[layer.qkv.to(torch.bfloat16), layer.o.to(torch.bfloat16), layer.gate_up.to(torch.bfloat16),
+                   layer.down.to(torch.bfloat16)] for layer in self.layers]  # each (n, k), contiguous
+        ptrs = self._layer_ptrs.clone()
+        for row, (qkv, o, gate_up, down) in zip(ptrs, copies):
+            row[1], row[3], row[5], row[6] = qkv.data_ptr(), o.data_ptr(), gate_up.data_ptr(), down.data_ptr()
+        self._compact = {"layers": copies, "layer_ptrs": ptrs, "lm_head": self.lm_head.to(torch.bfloat16)}
+        self.kernel_path += "; few-row steps on bf16 weight copies"
+        return True
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
@@ -239,8 +258,10 @@ class LlamaDecoder:
         few_rows = input_ids.shape[0] <= cpu_kernels.MAX_SMALL_M
         x = self.embed[input_ids]  # (T, hidden), a copy: updated in place below
         if few_rows and self._layer_ptrs is not None and len(meta.kernel_seqs) == len(meta.query_lens):
+            compact = self._compact
             return kern.forward_few_rows(
-                x, self._layer_ptrs, self._kv_pointers(kv_caches), num_heads=cfg.num_heads,
+                x, compact["layer_ptrs"] if compact else self._layer_ptrs, self._kv_pointers(kv_caches),
+                weights_bf16=compact is not None, num_heads=cfg.num_heads,
                 num_kv_heads=cfg.num_kv_heads, head_dim=hd, intermediate_size=inter, eps=eps, cos=self.rope_cos,
                 sin=self.rope_sin, positions=positions, slots=meta.slot_mapping, block_tables=meta.kernel_block_tables,
                 query_starts=meta.kernel_query_starts, query_lens=meta.kernel_query_lens,
@@ -281,6 +302,8 @@ class LlamaDecoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) -> (rows, vocab) in fp32 (sampling and logprobs want full precision)."""
+        if self._compact is not None and hidden.shape[0] <= cpu_kernels.MAX_SMALL_M:
+            return self.kernels.linear_small_m(hidden.contiguous(), self._compact["lm_head"])
         return self._linear(hidden, self.lm_head).float()
 
 

@@ -54,13 +54,14 @@ class CpuKernels:
         self._attn = bind("lmf_paged_attention_f32", _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
                           _i64, _i64, _i64, _i64, _f32, _ptr, _int)
         self._linear = bind("lmf_linear_small_m_f32", _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _int)
+        self._linear_bf16w = bind("lmf_linear_small_m_bf16w", _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _int)
         self._rms_norm = bind("lmf_rms_norm_f32", _ptr, _ptr, _ptr, _i64, _i64, _f32, _int)
         self._rope = bind("lmf_rope_inplace_f32", _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int)
         self._silu_mul = bind("lmf_silu_mul_f32", _ptr, _ptr, _i64, _i64, _int)
         self._write_kv = bind("lmf_write_kv_f32", _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr)
         self._forward_few_rows = bind("lmf_forward_few_rows_f32", _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64,
                                       _i64, _i64, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
-                                      _i64, _f32, _ptr, _ptr, _ptr, _int)
+                                      _i64, _f32, _ptr, _ptr, _ptr, _int, _int)
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, query_starts: torch.Tensor, query_lens: torch.Tensor,
@@ -90,8 +91,12 @@ class CpuKernels:
 
     def linear_small_m(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (m, k), weight: (n, k), bias: (n,) -> (m, n), as F.linear. With `out`, adds into it (residual)."""
-        _check_f32(x, weight, *([bias] if bias is not None else []))
+        """x: (m, k), weight: (n, k), bias: (n,) -> (m, n), as F.linear. With `out`, adds into it (residual).
+        A bfloat16 `weight` is read as such (half the bytes to stream), x, bias and the sums stay fp32."""
+        bf16 = weight.dtype == torch.bfloat16
+        if bf16 and not (weight.device.type == "cpu" and weight.is_contiguous()):
+            raise ValueError("bf16 weights for the kernel must be contiguous CPU tensors")
+        _check_f32(x, *([] if bf16 else [weight]), *([bias] if bias is not None else []))
         m, k = x.shape
         n = weight.shape[0]
         if weight.shape[1] != k or (bias is not None and bias.shape != (n,)):
@@ -103,8 +108,9 @@ class CpuKernels:
             _check_f32(out)
             if out.shape != (m, n):
                 raise ValueError(f"out {tuple(out.shape)} is not ({m}, {n})")
-        self._linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-                     out.data_ptr(), m, n, k, int(accumulate), torch.get_num_threads())
+        (self._linear_bf16w if bf16 else self._linear)(
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(), m, n, k,
+            int(accumulate), torch.get_num_threads())
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -153,11 +159,13 @@ class CpuKernels:
                          num_kv_heads: int, head_dim: int, intermediate_size: int, eps: float, cos: torch.Tensor,
                          sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
                          query_starts: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor,
-                         block_size: int, scale: float, final_norm: torch.Tensor) -> torch.Tensor:
+                         block_size: int, scale: float, final_norm: torch.Tensor,
+                         weights_bf16: bool = False) -> torch.Tensor:
         """Every layer and the final norm in one call, for a step of at most MAX_SMALL_M rows whose sequences all
         attend in the kernel. x: (rows, hidden), the embeddings, updated in place (the residual stream);
         layer_ptrs (num_layers, 7) and kv_ptrs (num_layers, 2) int64 addresses (`LlamaDecoder` builds them from
-        tensors it keeps alive). Returns the final hidden states (rows, hidden)."""
+        tensors it keeps alive); with `weights_bf16` the four projections of every layer are bfloat16 (a draft
+        model's compact copy), norms and activations fp32. Returns the final hidden states (rows, hidden)."""
         _check_f32(x, cos, sin, final_norm)
         _check_i64(layer_ptrs, kv_ptrs, positions, slots, block_tables, query_starts, query_lens, seq_lens)
         rows, hidden = x.shape
@@ -173,7 +181,7 @@ class CpuKernels:
                                sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
                                query_starts.data_ptr(), query_lens.data_ptr(), seq_lens.data_ptr(),
                                block_tables.shape[0], block_tables.shape[1], block_size, scale, final_norm.data_ptr(),
-                               scratch.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                               scratch.data_ptr(), out.data_ptr(), int(weights_bf16), torch.get_num_threads())
         return out
 
 

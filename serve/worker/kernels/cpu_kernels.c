@@ -251,8 +251,6 @@ void lmf_paged_attention_f32(const float* q, int64_t q_row_stride, const float* 
   free(tok_pos);
 }
 
-/* out (m, n) = x (m, k) @ w (n, k)^T [+ bias (n)] [+ out if accumulate: the residual add for free], for
- * small m (decode of one or a few sequences). Each weight row is read from memory once for all m rows of x. */
 #if defined(__AVX2__) && defined(__FMA__)
 /* The 4 sums of 4 vectors, in order: lane j = sum of a[j]'s 8 lanes. */
 static inline __m128 hsum4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -260,17 +258,23 @@ static inline __m128 hsum4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+/* 8 weights as fp32: stored fp32, or bf16 (the top 16 bits of an fp32, widened by a shift: exact). */
+static inline __m256 load_w_f32(const float* w) { return _mm256_loadu_ps(w); }
+static inline __m256 load_w_bf16(const uint16_t* w) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)w)), 16));
+}
+
 /* y[i][0..3] = x_i . w_{j..j+3} for the ROWS rows of x starting at x: a ROWS x 4 register tile. Each 8-float chunk
  * of k loads 4 weight chunks and ROWS x chunks for 4 * ROWS FMAs, so up to 3 rows of x the FMA units, not the loads,
  * set the pace (the dot-product form loads two vectors per FMA). k % 8 == 0. */
-#define LMF_TILE_4xR(ROWS)                                                                                   \
-  static inline void tile4x##ROWS(const float* x, int64_t k, const float* w, float* y /* (ROWS, 4) */) {     \
+#define LMF_TILE_4xR(ROWS, SUFFIX, WTYPE)                                                                    \
+  static inline void tile4x##ROWS##SUFFIX(const float* x, int64_t k, const WTYPE* w, float* y) {             \
     __m256 acc[ROWS][4];                                                                                     \
     for (int i = 0; i < ROWS; ++i)                                                                           \
       for (int c = 0; c < 4; ++c) acc[i][c] = _mm256_setzero_ps();                                           \
     for (int64_t d = 0; d < k; d += 8) {                                                                     \
-      const __m256 w0 = _mm256_loadu_ps(w + d), w1 = _mm256_loadu_ps(w + k + d),                             \
-                   w2 = _mm256_loadu_ps(w + 2 * k + d), w3 = _mm256_loadu_ps(w + 3 * k + d);                 \
+      const __m256 w0 = load_w##SUFFIX(w + d), w1 = load_w##SUFFIX(w + k + d),                               \
+                   w2 = load_w##SUFFIX(w + 2 * k + d), w3 = load_w##SUFFIX(w + 3 * k + d);                   \
       for (int i = 0; i < ROWS; ++i) {                                                                       \
         const __m256 xv = _mm256_loadu_ps(x + i * k + d);                                                    \
         acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);                                                      \
@@ -281,38 +285,51 @@ static inline __m128 hsum4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     }                                                                                                        \
     for (int i = 0; i < ROWS; ++i) _mm_storeu_ps(y + 4 * i, hsum4_ps(acc[i][0], acc[i][1], acc[i][2], acc[i][3])); \
   }
-LMF_TILE_4xR(1)
-LMF_TILE_4xR(2)
-LMF_TILE_4xR(3)
+LMF_TILE_4xR(1, _f32, float)
+LMF_TILE_4xR(2, _f32, float)
+LMF_TILE_4xR(3, _f32, float)
+LMF_TILE_4xR(1, _bf16, uint16_t)
+LMF_TILE_4xR(2, _bf16, uint16_t)
+LMF_TILE_4xR(3, _bf16, uint16_t)
 #undef LMF_TILE_4xR
 #endif
 
+static inline float bf16_to_f32(uint16_t v) {
+  union { uint32_t u; float f; } c = { .u = (uint32_t)v << 16 };
+  return c.f;
+}
+
 /* out (m, n) = x (m, k) @ w (n, k)^T [+ bias (n)] [+ out if accumulate: the residual add for free], for
  * small m (decode of one or a few sequences). Each weight row is read from memory once for all m rows of x:
- * 4 weight rows at a time (16 KB at k = 1024, in L1) against up to 3 rows of x at a time. */
-void lmf_linear_small_m_f32(const float* x, const float* w, const float* bias, float* out, int64_t m, int64_t n,
-                            int64_t k, int accumulate, int num_threads) {
+ * 4 weight rows at a time (16 KB at k = 1024, in L1) against up to 3 rows of x at a time.
+ * `_f32`: fp32 weights. `_bf16w`: bf16 weights (half the bytes to stream; a draft model's compact copy),
+ * fp32 activations and accumulation. */
 #if defined(__AVX2__) && defined(__FMA__)
-  const int64_t n_tiled = k % 8 == 0 ? n - n % 4 : 0;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t j = 0; j < n_tiled; j += 4) {
-    float y[3 * 4];
-    for (int64_t i0 = 0; i0 < m; i0 += 3) {
-      const int64_t rows = m - i0 < 3 ? m - i0 : 3;
-      if (rows == 3) tile4x3(x + i0 * k, k, w + j * k, y);
-      else if (rows == 2) tile4x2(x + i0 * k, k, w + j * k, y);
-      else tile4x1(x + i0 * k, k, w + j * k, y);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < 4; ++c) {
-          float* o = out + (i0 + i) * n + j + c;
-          const float v = y[4 * i + c] + (bias ? bias[j + c] : 0.f);
-          *o = accumulate ? *o + v : v;
-        }
-    }
+#define LMF_TILED_COLUMNS(SUFFIX)                                                                            \
+  const int64_t n_tiled = k % 8 == 0 ? n - n % 4 : 0;                                                        \
+  _Pragma("omp parallel for num_threads(num_threads) schedule(static)")                                      \
+  for (int64_t j = 0; j < n_tiled; j += 4) {                                                                 \
+    float y[3 * 4];                                                                                          \
+    for (int64_t i0 = 0; i0 < m; i0 += 3) {                                                                  \
+      const int64_t rows = m - i0 < 3 ? m - i0 : 3;                                                          \
+      if (rows == 3) tile4x3##SUFFIX(x + i0 * k, k, w + j * k, y);                                           \
+      else if (rows == 2) tile4x2##SUFFIX(x + i0 * k, k, w + j * k, y);                                      \
+      else tile4x1##SUFFIX(x + i0 * k, k, w + j * k, y);                                                     \
+      for (int64_t i = 0; i < rows; ++i)                                                                     \
+        for (int64_t c = 0; c < 4; ++c) {                                                                    \
+          float* o = out + (i0 + i) * n + j + c;                                                             \
+          const float v = y[4 * i + c] + (bias ? bias[j + c] : 0.f);                                         \
+          *o = accumulate ? *o + v : v;                                                                      \
+        }                                                                                                    \
+    }                                                                                                        \
   }
 #else
-  const int64_t n_tiled = 0;
+#define LMF_TILED_COLUMNS(SUFFIX) const int64_t n_tiled = 0;
 #endif
+
+void lmf_linear_small_m_f32(const float* x, const float* w, const float* bias, float* out, int64_t m, int64_t n,
+                            int64_t k, int accumulate, int num_threads) {
+  LMF_TILED_COLUMNS(_f32)
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t j = n_tiled; j < n; ++j) {
     const float* wrow = w + j * k;
@@ -323,6 +340,23 @@ void lmf_linear_small_m_f32(const float* x, const float* w, const float* bias, f
     }
   }
 }
+
+void lmf_linear_small_m_bf16w(const float* x, const uint16_t* w, const float* bias, float* out, int64_t m, int64_t n,
+                              int64_t k, int accumulate, int num_threads) {
+  LMF_TILED_COLUMNS(_bf16)
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t j = n_tiled; j < n; ++j) {
+    const uint16_t* wrow = w + j * k;
+    const float b = bias ? bias[j] : 0.f;
+    for (int64_t i = 0; i < m; ++i) {
+      float y = 0.f;
+      for (int64_t d = 0; d < k; ++d) y += x[i * k + d] * bf16_to_f32(wrow[d]);
+      y += b;
+      out[i * n + j] = accumulate ? out[i * n + j] + y : y;
+    }
+  }
+}
+#undef LMF_TILED_COLUMNS
 
 /* Llama's RMSNorm in fp32: out = w * x / sqrt(mean(x^2) + eps), per row of (rows, dim). */
 void lmf_rms_norm_f32(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps,
@@ -383,7 +417,8 @@ void lmf_write_kv_f32(const float* qkv, int64_t rows, int64_t row_stride, int64_
  * Python wrappers ~10, which is most of a small model's single-stream time on a CPU. Same math, same order as
  * LlamaDecoder._forward_kernels (serve/worker/llama.py), so both paths agree to the last bit.
  *   x:           (rows, hidden) the embeddings on entry, the residual stream after (updated in place)
- *   layer_ptrs:  (num_layers, 7) addresses of input_norm, qkv, qkv_bias (0: none), o, post_norm, gate_up, down
+ *   layer_ptrs:  (num_layers, 7) addresses of input_norm, qkv, qkv_bias (0: none), o, post_norm, gate_up, down;
+ *                with weights_bf16 the four projections (qkv, o, gate_up, down) are bf16, the rest fp32
  *   kv_ptrs:     (num_layers, 2) addresses of each layer's k_cache and v_cache
  *   scratch:     rows * (hidden + qkv_width + num_heads * head_dim + 3 * inter) floats
  *   out:         (rows, hidden) the final RMSNorm of x
@@ -394,31 +429,34 @@ void lmf_forward_few_rows_f32(float* x, int64_t rows, int64_t hidden, int64_t nu
                               const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
                               const int64_t* query_starts, const int64_t* query_lens, const int64_t* seq_lens,
                               int64_t num_seqs, int64_t max_blocks, int64_t block_size, float scale,
-                              const float* final_norm, float* scratch, float* out, int num_threads) {
+                              const float* final_norm, float* scratch, float* out, int weights_bf16, int num_threads) {
   const int64_t num_q = num_heads * head_dim, num_kv = num_kv_heads * head_dim, qkv_width = num_q + 2 * num_kv;
   float* h = scratch;                  /* (rows, hidden) */
   float* qkv = h + rows * hidden;      /* (rows, qkv_width) */
   float* attn = qkv + rows * qkv_width; /* (rows, num_q) */
   float* gate_up = attn + rows * num_q; /* (rows, 2 * inter) */
   float* act = gate_up + rows * 2 * inter; /* (rows, inter) */
+#define LINEAR(X, W, B, OUT, M, N, K, ACC)                                                                   \
+  (weights_bf16 ? lmf_linear_small_m_bf16w(X, (const uint16_t*)(intptr_t)(W), B, OUT, M, N, K, ACC, num_threads) \
+                : lmf_linear_small_m_f32(X, (const float*)(intptr_t)(W), B, OUT, M, N, K, ACC, num_threads))
   for (int64_t l = 0; l < num_layers; ++l) {
     const int64_t* p = layer_ptrs + 7 * l;
     float* k_cache = (float*)(intptr_t)kv_ptrs[2 * l];
     float* v_cache = (float*)(intptr_t)kv_ptrs[2 * l + 1];
     lmf_rms_norm_f32(x, (const float*)(intptr_t)p[0], h, rows, hidden, eps, num_threads);
-    lmf_linear_small_m_f32(h, (const float*)(intptr_t)p[1], (const float*)(intptr_t)p[2], qkv, rows, qkv_width,
-                           hidden, 0, num_threads);
+    LINEAR(h, p[1], (const float*)(intptr_t)p[2], qkv, rows, qkv_width, hidden, 0);
     lmf_rope_inplace_f32(qkv, rows, qkv_width, num_heads + num_kv_heads, head_dim, cos_table, sin_table, positions,
                          num_threads);
     lmf_write_kv_f32(qkv, rows, qkv_width, num_q, num_q + num_kv, num_kv, k_cache, v_cache, slots);
     lmf_paged_attention_f32(qkv, qkv_width, k_cache, v_cache, block_tables, query_starts, query_lens, seq_lens,
                             num_seqs, max_blocks, rows, num_heads, num_kv_heads, head_dim, block_size, scale, attn,
                             num_threads);
-    lmf_linear_small_m_f32(attn, (const float*)(intptr_t)p[3], NULL, x, rows, hidden, num_q, 1, num_threads);
+    LINEAR(attn, p[3], NULL, x, rows, hidden, num_q, 1);
     lmf_rms_norm_f32(x, (const float*)(intptr_t)p[4], h, rows, hidden, eps, num_threads);
-    lmf_linear_small_m_f32(h, (const float*)(intptr_t)p[5], NULL, gate_up, rows, 2 * inter, hidden, 0, num_threads);
+    LINEAR(h, p[5], NULL, gate_up, rows, 2 * inter, hidden, 0);
     lmf_silu_mul_f32(gate_up, act, rows, inter, num_threads);
-    lmf_linear_small_m_f32(act, (const float*)(intptr_t)p[6], NULL, x, rows, hidden, inter, 1, num_threads);
+    LINEAR(act, p[6], NULL, x, rows, hidden, inter, 1);
   }
+#undef LINEAR
   lmf_rms_norm_f32(x, final_norm, out, rows, hidden, eps, num_threads);
 }

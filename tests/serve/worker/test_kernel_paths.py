@@ -70,3 +70,34 @@ def test_one_call_forward_equals_the_per_op_kernel_path(trained_checkpoint):
         model._layer_ptrs = ptrs
         assert torch.equal(fused, per_op)
     assert calls["n"] == len(steps)
+
+
+def test_compact_bf16_weights_compute_what_bf16_rounded_weights_do(trained_checkpoint):
+    """A draft model's few-row steps may stream bf16 copies of its projections and LM head
+    (`compact_few_row_weights`): the kernel widens each weight exactly and sums in fp32, so it must agree with
+    the fp32 path run on the same weights rounded to bf16 — and differ from the unrounded model."""
+    from serve.worker.model_runner import ModelRunner
+
+    def runner():
+        return ModelRunner(trained_checkpoint, device="cpu", dtype=torch.float32, num_blocks=64, block_size=4)
+
+    compact, rounded, plain = runner(), runner(), runner()
+    if compact.model.kernels is None:
+        import pytest
+
+        pytest.skip(f"no CPU kernels here: {compact.model.kernel_path}")
+    assert compact.model.compact_few_row_weights()
+    assert "bf16" in compact.model.kernel_path
+    for layer in rounded.model.layers:  # in place: the one-call forward reads these addresses
+        for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            w.copy_(w.to(torch.bfloat16).float())
+    tables = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    steps = [[([20, 21, 22], 0), ([40, 41], 0)], [([7], 3), ([9], 2)], [([7, 8, 9], 4), ([9, 10], 3)]]
+    for chunks in steps:  # every step <= 8 rows: the one-call forward from the first token on
+        got, _ = compact.forward(chunks, tables)
+        ref, _ = rounded.forward(chunks, tables)
+        far, _ = plain.forward(chunks, tables)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, far, atol=1e-5, rtol=1e-5)
+        lm_head = rounded.model.lm_head.to(torch.bfloat16).float()
+        torch.testing.assert_close(compact.model.logits(got), got @ lm_head.T, atol=1e-4, rtol=1e-5)

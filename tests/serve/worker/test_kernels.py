@@ -162,3 +162,14 @@ def test_elementwise_kernels_match_transformers_math(cpu_kernels):
     assert torch.equal(k_cache[slots].view(rows, -1), qkv[:, heads * hd:(heads + kv_heads) * hd])
     assert torch.equal(v_cache[slots].view(rows, -1), qkv[:, (heads + kv_heads) * hd:])
     assert k_cache[2].abs().sum() == 0  # untouched slots stay untouched
+
+
+@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("k,n", [(203, 77), (256, 78)])
+def test_linear_small_m_reads_bf16_weights(cpu_kernels, m, k, n):
+    """bf16 weights (a draft's compact copy): widened exactly, summed in fp32."""
+    gen = torch.Generator().manual_seed(m + k)
+    x, w, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    w16 = w.to(torch.bfloat16)
+    ref = F.linear(x.double(), w16.double(), b.double()).float()
+    torch.testing.assert_close(cpu_kernels.linear_small_m(x, w16, b), ref, atol=1e-4, rtol=1e-5)
