@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable
 
 from serve.engine.llm_engine import LLMEngine
+from serve.engine.outputs import merge_outputs
 from serve.types import EngineStats, FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,23 @@ class AsyncEngine:
         self._commands.put(_Add(request_id, prompt, params, priority, loop, sink, admitted))
         await admitted  # raises the engine's admission error, if any
         finished = False
+        held: list[Any] = []  # an item taken from the sink while coalescing that could not join the delta
         try:
             while True:
-                item = await sink.get()
+                item = held.pop() if held else await sink.get()
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer slower than the engine (a busy event loop, a slow client) finds several steps'
+                # deltas waiting: they leave as one delta, as vLLM's output collector does, so a backlog costs
+                # one message instead of one per step. Prompt logprobs arrive alone, never merged.
+                while not item.finished and item.prompt_logprobs is None and not sink.empty():
+                    nxt = sink.get_nowait()
+                    if not isinstance(nxt, RequestOutput) or nxt.prompt_logprobs is not None:
+                        held.append(nxt)
+                        break
+                    item = merge_outputs([item, nxt])
                 finished = item.finished
                 yield item
                 if finished:
@@ -126,11 +137,7 @@ class AsyncEngine:
                 self._end_all(FinishReason.ERROR, err)
                 continue
             self._refresh_stats()
-            for out in outputs:
-                if out.request_id in self._sinks:
-                    self._deliver(out.request_id, out)
-                    if out.finished:
-                        self._sinks.pop(out.request_id, None)
+            self._deliver_step(outputs)
         self._end_all(FinishReason.ABORT)  # shutdown: nobody may wait for a step that will not come
 
     def _refresh_stats(self) -> None:
@@ -144,6 +151,25 @@ class AsyncEngine:
                 self._on_stats(stats)
             except Exception:  # noqa: BLE001 - metrics must never stop the engine
                 log.exception("on_stats callback failed")
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one hand-off per event loop (each call_soon_threadsafe wakes the loop through a
+        pipe: 64 streams would be 64 syscalls and 64 wake-ups per step)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._sinks.get(out.request_id)
+            if target is None:
+                continue
+            batches.setdefault(target[0], []).append((target[1], out))
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # "Event loop is closed": those callers are gone
+                for _, out in items:
+                    self._sinks.pop(out.request_id, None)
+                    self._stale = self.engine.abort_request(out.request_id) or self._stale
 
     def _deliver(self, request_id: str, item: Any) -> None:
         """Hand an item to the request's event loop; a closed loop means the caller is gone: abort."""
@@ -195,6 +221,11 @@ class AsyncEngine:
         for request_id, final in finals.items():
             self._deliver(request_id, final if final is not None else _DONE)
             self._sinks.pop(request_id, None)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for sink, item in items:
+        sink.put_nowait(item)
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:
