@@ -57,9 +57,14 @@ class EvaluationService:
                     num_done=event.num_done, num_total=event.num_total, elapsed_s=event.elapsed_s,
                     metrics=_finite(event.metrics)))
             elif isinstance(event, JobResult):
-                yield evaluation_pb2.EvaluateResponse(request_id=echoed, result=evaluation_pb2.EvaluateResult(
-                    task=event.spec.name, kind=event.spec.kind, num_items=event.num_items,
-                    metrics=_finite(event.metrics), elapsed_s=event.elapsed_s))
+                result = evaluation_pb2.EvaluateResult(task=event.spec.name, kind=event.spec.kind,
+                                                       num_items=event.num_items, metrics=_finite(event.metrics),
+                                                       elapsed_s=event.elapsed_s)
+                for name, values in event.subjects.items():
+                    sub = result.subjects[name]
+                    sub.num_items = int(values["num_items"])
+                    sub.metrics.update(_finite({k: v for k, v in values.items() if k != "num_items"}))
+                yield evaluation_pb2.EvaluateResponse(request_id=echoed, result=result)
 
     # -- the task and its items (file IO: run in a thread) ---------------------------------------------------
     def _spec(self, request: evaluation_pb2.EvaluateRequest) -> TaskSpec:
@@ -100,7 +105,7 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 
 def _item(result: ItemResult) -> evaluation_pb2.EvaluateItem:
     item = evaluation_pb2.EvaluateItem(index=result.item.index, where=result.item.where,
-                                       metrics=_finite(result.metrics))
+                                       metrics=_finite(result.metrics), subject=result.item.subject or "")
     if isinstance(result.answer, LoglikelihoodAnswer):
         item.logprobs.extend(result.answer.logprobs)
     elif isinstance(result.answer, GenerationAnswer):

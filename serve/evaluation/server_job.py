@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from serve.evaluation.items import EvalItem, EvalRequest, GenerationRequest, LoglikelihoodRequest, RollingRequest
 from serve.evaluation.results import (Answer, GenerationAnswer, ItemResult, LoglikelihoodAnswer, RollingAnswer,
-                                      item_metrics, task_metrics)
+                                      item_metrics, task_metrics, subject_metrics)
 from serve.evaluation.target import MAX_STOP_STRINGS
 from serve.evaluation.task import TaskSpec
 from serve.scoring import LoglikelihoodQuery
@@ -43,6 +43,7 @@ class JobResult:
     num_items: int
     metrics: dict[str, float]
     elapsed_s: float
+    subjects: dict[str, dict[str, float]] = field(default_factory=dict)  # per subject: num_items and metrics
 
 
 class BackendAnswerer:
@@ -121,4 +122,5 @@ async def run_job(spec: TaskSpec, items: Sequence[EvalItem], answerer: BackendAn
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-    yield JobResult(spec, len(results), task_metrics(spec, results), time.perf_counter() - started)
+    yield JobResult(spec, len(results), task_metrics(spec, results), time.perf_counter() - started,
+                    subject_metrics(spec, results))

@@ -65,6 +65,30 @@ def test_inline_items_match_the_scoring_service(root_server):
         assert set(result.metrics) >= {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
 
 
+def test_per_subject_results(root_server):
+    """A task with a `subject` template: each item names its subject and the result gives every subject's
+    metrics over its own items; the task's metrics stay pooled (the subjects' weighted by their sizes)."""
+    spec = MC_TASK + 'subject: "{{ topic }}"\n'
+    items = [dict(row, topic="geometry" if i % 3 == 0 else "history") for i, row in enumerate(ITEMS)]
+    with root_server.client() as client:
+        responses = _run(client, task_spec=spec, items=items, return_items=True)
+    by_subject: dict[str, list] = {}
+    for r in responses:
+        if r.WhichOneof("event") == "item":
+            assert r.item.subject == items[r.item.index]["topic"]
+            by_subject.setdefault(r.item.subject, []).append(r.item.metrics["acc"])
+    result = responses[-1].result
+    assert set(result.subjects) == {"geometry", "history"}
+    for name, accs in by_subject.items():
+        assert result.subjects[name].num_items == len(accs)
+        assert result.subjects[name].metrics["acc"] == pytest.approx(sum(accs) / len(accs))
+        assert "acc_norm" in result.subjects[name].metrics
+    assert result.metrics["acc"] == pytest.approx(
+        sum(s.metrics["acc"] * s.num_items for s in result.subjects.values()) / result.num_items)
+    with root_server.client() as client:  # no subject template: no subjects
+        assert not _run(client, task_spec=MC_TASK, items=ITEMS)[-1].result.subjects
+
+
 def test_files_under_the_data_root(root_server):
     with root_server.client() as client:
         by_task_data = _run(client, task_file="mc.yaml", limit=4)[-1].result

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blmforge/v1/evaluation.proto\x12\nlmforge.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xf9\x01\n\x0f\x45valuateRequest\x12\x13\n\ttask_spec\x18\x01 \x01(\tH\x00\x12\x13\n\ttask_file\x18\x02 \x01(\tH\x00\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndata_files\x18\x04 \x03(\t\x12\x12\n\x05limit\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fmax_concurrency\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x0creturn_items\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x06\n\x04taskB\x08\n\x06_limitB\x12\n\x10_max_concurrency\"\xb6\x01\n\x10\x45valuateProgress\x12\x10\n\x08num_done\x18\x01 \x01(\x05\x12\x11\n\tnum_total\x18\x02 \x01(\x05\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12:\n\x07metrics\x18\x04 \x03(\x0b\x32).lmforge.v1.EvaluateProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb4\x01\n\x0c\x45valuateItem\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05where\x18\x02 \x01(\t\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.lmforge.v1.EvaluateItem.MetricsEntry\x12\x10\n\x08logprobs\x18\x04 \x03(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbc\x01\n\x0e\x45valuateResult\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tnum_items\x18\x03 \x01(\x05\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.lmforge.v1.EvaluateResult.MetricsEntry\x12\x11\n\telapsed_s\x18\x05 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb9\x01\n\x10\x45valuateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08progress\x18\x02 \x01(\x0b\x32\x1c.lmforge.v1.EvaluateProgressH\x00\x12(\n\x04item\x18\x03 \x01(\x0b\x32\x18.lmforge.v1.EvaluateItemH\x00\x12,\n\x06result\x18\x04 \x01(\x0b\x32\x1a.lmforge.v1.EvaluateResultH\x00\x42\x07\n\x05\x65vent2U\n\nEvaluation\x12G\n\x08\x45valuate\x12\x1b.lmforge.v1.EvaluateRequest\x1a\x1c.lmforge.v1.EvaluateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blmforge/v1/evaluation.proto\x12\nlmforge.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xf9\x01\n\x0f\x45valuateRequest\x12\x13\n\ttask_spec\x18\x01 \x01(\tH\x00\x12\x13\n\ttask_file\x18\x02 \x01(\tH\x00\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndata_files\x18\x04 \x03(\t\x12\x12\n\x05limit\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fmax_concurrency\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x0creturn_items\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x06\n\x04taskB\x08\n\x06_limitB\x12\n\x10_max_concurrency\"\xb6\x01\n\x10\x45valuateProgress\x12\x10\n\x08num_done\x18\x01 \x01(\x05\x12\x11\n\tnum_total\x18\x02 \x01(\x05\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12:\n\x07metrics\x18\x04 \x03(\x0b\x32).lmforge.v1.EvaluateProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc5\x01\n\x0c\x45valuateItem\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05where\x18\x02 \x01(\t\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.lmforge.v1.EvaluateItem.MetricsEntry\x12\x10\n\x08logprobs\x18\x04 \x03(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8b\x01\n\rSubjectResult\x12\x11\n\tnum_items\x18\x01 \x01(\x05\x12\x37\n\x07metrics\x18\x02 \x03(\x0b\x32&.lmforge.v1.SubjectResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc4\x02\n\x0e\x45valuateResult\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tnum_items\x18\x03 \x01(\x05\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.lmforge.v1.EvaluateResult.MetricsEntry\x12\x11\n\telapsed_s\x18\x05 \x01(\x01\x12:\n\x08subjects\x18\x06 \x03(\x0b\x32(.lmforge.v1.EvaluateResult.SubjectsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aJ\n\rSubjectsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.lmforge.v1.SubjectResult:\x02\x38\x01\"\xb9\x01\n\x10\x45valuateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08progress\x18\x02 \x01(\x0b\x32\x1c.lmforge.v1.EvaluateProgressH\x00\x12(\n\x04item\x18\x03 \x01(\x0b\x32\x18.lmforge.v1.EvaluateItemH\x00\x12,\n\x06result\x18\x04 \x01(\x0b\x32\x1a.lmforge.v1.EvaluateResultH\x00\x42\x07\n\x05\x65vent2U\n\nEvaluation\x12G\n\x08\x45valuate\x12\x1b.lmforge.v1.EvaluateRequest\x1a\x1c.lmforge.v1.EvaluateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATEPROGRESS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATEITEM_METRICSENTRY']._loaded_options = None
   _globals['_EVALUATEITEM_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_SUBJECTRESULT_METRICSENTRY']._loaded_options = None
+  _globals['_SUBJECTRESULT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATERESULT_METRICSENTRY']._loaded_options = None
   _globals['_EVALUATERESULT_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_EVALUATERESULT_SUBJECTSENTRY']._loaded_options = None
+  _globals['_EVALUATERESULT_SUBJECTSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATEREQUEST']._serialized_start=74
   _globals['_EVALUATEREQUEST']._serialized_end=323
   _globals['_EVALUATEPROGRESS']._serialized_start=326
@@ -45,15 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATEPROGRESS_METRICSENTRY']._serialized_start=462
   _globals['_EVALUATEPROGRESS_METRICSENTRY']._serialized_end=508
   _globals['_EVALUATEITEM']._serialized_start=511
-  _globals['_EVALUATEITEM']._serialized_end=691
+  _globals['_EVALUATEITEM']._serialized_end=708
   _globals['_EVALUATEITEM_METRICSENTRY']._serialized_start=462
   _globals['_EVALUATEITEM_METRICSENTRY']._serialized_end=508
-  _globals['_EVALUATERESULT']._serialized_start=694
-  _globals['_EVALUATERESULT']._serialized_end=882
+  _globals['_SUBJECTRESULT']._serialized_start=711
+  _globals['_SUBJECTRESULT']._serialized_end=850
+  _globals['_SUBJECTRESULT_METRICSENTRY']._serialized_start=462
+  _globals['_SUBJECTRESULT_METRICSENTRY']._serialized_end=508
+  _globals['_EVALUATERESULT']._serialized_start=853
+  _globals['_EVALUATERESULT']._serialized_end=1177
   _globals['_EVALUATERESULT_METRICSENTRY']._serialized_start=462
   _globals['_EVALUATERESULT_METRICSENTRY']._serialized_end=508
-  _globals['_EVALUATERESPONSE']._serialized_start=885
-  _globals['_EVALUATERESPONSE']._serialized_end=1070
-  _globals['_EVALUATION']._serialized_start=1072
-  _globals['_EVALUATION']._serialized_end=1157
+  _globals['_EVALUATERESULT_SUBJECTSENTRY']._serialized_start=1103
+  _globals['_EVALUATERESULT_SUBJECTSENTRY']._serialized_end=1177
+  _globals['_EVALUATERESPONSE']._serialized_start=1180
+  _globals['_EVALUATERESPONSE']._serialized_end=1365
+  _globals['_EVALUATION']._serialized_start=1367
+  _globals['_EVALUATION']._serialized_end=1452
 # @@protoc_insertion_point(module_scope)

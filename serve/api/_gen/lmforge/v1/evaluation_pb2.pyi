@@ -47,7 +47,7 @@ class EvaluateProgress(_message.Message):
     def __init__(self, num_done: _Optional[int] = ..., num_total: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class EvaluateItem(_message.Message):
-    __slots__ = ("index", "where", "metrics", "logprobs", "text")
+    __slots__ = ("index", "where", "metrics", "logprobs", "text", "subject")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,15 +60,17 @@ class EvaluateItem(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     index: int
     where: str
     metrics: _containers.ScalarMap[str, float]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     text: str
-    def __init__(self, index: _Optional[int] = ..., where: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., text: _Optional[str] = ...) -> None: ...
+    subject: str
+    def __init__(self, index: _Optional[int] = ..., where: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., text: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
-class EvaluateResult(_message.Message):
-    __slots__ = ("task", "kind", "num_items", "metrics", "elapsed_s")
+class SubjectResult(_message.Message):
+    __slots__ = ("num_items", "metrics")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,17 +78,41 @@ class EvaluateResult(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    num_items: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, num_items: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EvaluateResult(_message.Message):
+    __slots__ = ("task", "kind", "num_items", "metrics", "elapsed_s", "subjects")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class SubjectsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SubjectResult
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SubjectResult, _Mapping]] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    SUBJECTS_FIELD_NUMBER: _ClassVar[int]
     task: str
     kind: str
     num_items: int
     metrics: _containers.ScalarMap[str, float]
     elapsed_s: float
-    def __init__(self, task: _Optional[str] = ..., kind: _Optional[str] = ..., num_items: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    subjects: _containers.MessageMap[str, SubjectResult]
+    def __init__(self, task: _Optional[str] = ..., kind: _Optional[str] = ..., num_items: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., elapsed_s: _Optional[float] = ..., subjects: _Optional[_Mapping[str, SubjectResult]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("request_id", "progress", "item", "result")
