@@ -278,11 +278,14 @@ def test_dpo_loss_types_are_the_ones_trl_implements():
         DPORecipeConfig(init_from="x", data=["d"], loss_type="exo_pair")
 
 
-# One loss per family of TRL's: squared (IPO), hinge (SLiC), label-noise-robust, pair classification (NCA,
-# BCO, SPPO), anchored (APO), optimal transport (AOT), EXO (reverse KL), DiscoPOP, length-normalized sigmoid.
-# `sft` (NLL of the chosen answer only) has no preference term and is left out of the margin claim.
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
-                                       "aot", "exo_pair", "discopop", "sigmoid_norm"])
+# The families of TRL's losses besides sigmoid (tested above): squared (IPO), hinge (SLiC), label-noise-robust,
+# length-normalized sigmoid, pair classification (NCA, BCO, SPPO), anchored (APO), optimal transport (AOT),
+# EXO (reverse KL). Left out of the margin claim: `sft` (NLL of the chosen answer, no preference term),
+# `apo_down`/`aot_unpaired` (variants of those tested), and `discopop`: its loss is non-convex near 0 (with
+# TRL's tau 0.05 the gradient pushes beta*margin further down once it is below about -0.05; the DiscoPOP
+# paper notes the non-convexity), and in this setting its eval margin ended at -0.12 after 6 steps.
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "sigmoid_norm", "nca_pair", "bco_pair",
+                                       "sppo_hard", "apo_zero", "aot", "exo_pair"])
 def test_dpo_loss_type_raises_the_margin(tmp_path, base_ckpt, pref_file, loss_type):
     from lifecycle.recipes.dpo import DPORecipeConfig, dpo
 
@@ -307,3 +310,21 @@ def test_reward_trains_bare_and_as_train_and_scores_as_score(capsys):
     for argv in (["reward", "--data", "p.jsonl"], ["reward", "train", "--data", "p.jsonl"]):
         assert main(argv) == 2  # the training config was built, and asks for its checkpoint
         assert "--init-from" in capsys.readouterr().err
+
+
+def test_bench_sft_interleaves_legs_and_reports_the_median_ratio(tmp_path, base_ckpt, sft_file):
+    from lifecycle.recipes.bench_finetune import BenchFinetuneConfig, bench_finetune
+
+    out = tmp_path / "bench.json"
+    report = bench_finetune("sft", BenchFinetuneConfig(init_from=str(base_ckpt), data=[str(sft_file)], steps=3,
+                                                       warmup_steps=1, micro_batch_size=2, global_batch_size=4,
+                                                       max_len=64, repeats=3, output=str(out)))
+    assert json.loads(out.read_text())["overhead_pct"] == report["overhead_pct"]
+    assert [r["order"] for r in report["rounds"]] == [["lmforge", "plain_trl"], ["plain_trl", "lmforge"]] * 1 + \
+        [["lmforge", "plain_trl"]]
+    ratios = [r["lmforge"]["median_s_per_step"] / r["plain_trl"]["median_s_per_step"] for r in report["rounds"]]
+    assert report["ratios"] == ratios and report["median_ratio"] == sorted(ratios)[1]
+    assert report["overhead_pct"] == pytest.approx(100 * (sorted(ratios)[1] - 1))
+    # the same examples in the same order: both legs end on the same loss, in every round
+    for r in report["rounds"]:
+        assert r["lmforge"]["final_loss"] == pytest.approx(r["plain_trl"]["final_loss"], rel=1e-4)
