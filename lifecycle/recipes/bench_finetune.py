@@ -197,6 +197,9 @@ def _ours_leg(stage: str, cfg: BenchFinetuneConfig, common: dict[str, Any], out:
         transformers.Trainer.__init__ = real_init
     losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(ln)]
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a checkpoint per round would fill the disk on a large preset
     return _summary(timer, cfg.warmup_steps, losses)
 
 
