@@ -26,8 +26,10 @@ def _batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def tokenize_stream(texts: Iterable[str], tokenizer, *, batch_size: int = 512) -> tuple[np.ndarray, int]:
-    """All texts as one int32 token stream with EOS after each; returns (stream, num_documents)."""
+def tokenize_stream(texts: Iterable[str], tokenizer, *, batch_size: int = 512,
+                    doc_lengths: list[int] | None = None) -> tuple[np.ndarray, int]:
+    """All texts as one int32 token stream with EOS after each; returns (stream, num_documents).
+    `doc_lengths`, when given, receives each document's token count (EOS included), in order."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos_token; packing needs one to mark document ends")
@@ -38,6 +40,8 @@ def tokenize_stream(texts: Iterable[str], tokenizer, *, batch_size: int = 512) -
         # context (packing cuts them into blocks anyway), and no Python-side overhead.
         for enc in tokenizer.backend_tokenizer.encode_batch(batch, add_special_tokens=False):
             pieces.append(np.asarray(enc.ids + [eos], dtype=np.int32))
+            if doc_lengths is not None:
+                doc_lengths.append(len(pieces[-1]))
         num_docs += len(batch)
     if not pieces:
         return np.zeros(0, dtype=np.int32), 0

@@ -168,6 +168,31 @@ def _stream(files: list[Path], text_field: str, txt_mode: TxtMode, stats: ReadSt
             raise DataError(f"{path}: cannot read: {err}") from err
 
 
+def splittable(path: str | Path, txt_mode: TxtMode) -> bool:
+    """Whether byte ranges of this file can be read on their own: uncompressed jsonl, or txt per line/paragraph."""
+    fmt = None if str(path).lower().endswith(".gz") else _format_of(Path(path))
+    return fmt == "jsonl" or (fmt == "txt" and txt_mode != "file")
+
+
+def iter_span(path: str | Path, start: int, end: int | None, first_line: int, *, text_field: str = "text",
+              txt_mode: TxtMode = "paragraph", stats: ReadStats | None = None) -> Iterator[Document]:
+    """Documents of the lines that start in bytes [start, end) of one `splittable` file, numbered from
+    `first_line` (the 1-based number of the line at `start`), so that workers sharing a large file report the
+    same file:line a whole-file read would. `start` must be a line start (and, in paragraph mode, a paragraph
+    boundary); lifecycle/data/curate/shards.py plans such ranges."""
+    path = Path(path)
+    if not splittable(path, txt_mode):
+        raise ConfigError(f"{path}: only uncompressed jsonl and line/paragraph txt files can be read by byte range")
+    stats = stats if stats is not None else ReadStats()
+    stats.file(str(path))
+    reader = _Reader(path, text_field=text_field, stats=stats, strict=False, span=(start, end, first_line))
+    read = reader.jsonl if _format_of(path) == "jsonl" else (lambda: reader.txt(txt_mode))
+    try:
+        yield from read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err}") from err
+
+
 def read_documents(paths: str | Path | Sequence[str | Path], *, text_field: str = "text",
                    txt_mode: TxtMode = "paragraph", stats: ReadStats | None = None,
                    strict: bool = False) -> list[Document]:
@@ -183,9 +208,11 @@ def read_documents(paths: str | Path | Sequence[str | Path], *, text_field: str 
 class _Reader:
     """Per-file reading; one method per format. Owns the skip-or-raise policy."""
 
-    def __init__(self, path: Path, *, text_field: str, stats: ReadStats, strict: bool) -> None:
+    def __init__(self, path: Path, *, text_field: str, stats: ReadStats, strict: bool,
+                 span: tuple[int, int | None, int] | None = None) -> None:
         self.path, self.source = path, str(path)
         self.text_field, self.stats, self.strict = text_field, stats, strict
+        self.span = span  # (start byte, end byte or None, number of the line at start): see iter_span
 
     def skip(self, line: int, reason: str, detail: str = "", *, always: bool = False) -> None:
         """Count a bad record, or raise for it under `strict` (empty documents are never fatal)."""
@@ -207,10 +234,11 @@ class _Reader:
         Decoding is per line so one bad byte costs one line, not the file, and the error can name
         the byte offset (of the uncompressed stream, for .gz).
         """
-        offset = number = 0
+        offset, end, number = (self.span[0], self.span[1], self.span[2] - 1) if self.span else (0, None, 0)
         gzipped = self.path.name.lower().endswith(".gz")
         with gzip.open(self.path, "rb") if gzipped else open(self.path, "rb") as fh:
-            while raw := fh.readline(MAX_LINE_BYTES):
+            fh.seek(offset)
+            while (end is None or offset < end) and (raw := fh.readline(MAX_LINE_BYTES)):
                 number += 1
                 start, offset = offset, offset + len(raw)
                 if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):

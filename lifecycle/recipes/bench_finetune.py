@@ -1,12 +1,15 @@
 """`lmforge bench sft` / `lmforge bench dpo`: our recipe next to a plain TRL script, same model and batches.
 
-Both legs run one after the other in one process (never concurrently: NOTES.md). The lmforge leg is the
-recipe (`sft()` / `dpo()`: our data reading, mixing, encoding, callbacks, final checkpoint); the plain leg
-is what a TRL user writes: a `datasets` Dataset of conversational records handed to SFTTrainer
+The legs run in one process, never concurrently (NOTES.md), and interleaved: `--repeats` rounds, each
+running both legs from scratch, the order alternating (ours-plain, plain-ours, ...) so that a machine
+getting slower or faster over the run weighs on both legs alike. The lmforge leg is the recipe
+(`sft()` / `dpo()`: our data reading, mixing, encoding, callbacks, final checkpoint); the plain leg is
+what a TRL user writes: a `datasets` Dataset of conversational records handed to SFTTrainer
 (`assistant_only_loss=True`) or DPOTrainer (`precompute_ref_log_probs=True`) with the same hyperparameters.
-A callback stamps `time.perf_counter()` at every optimizer step end in both legs; s/step is the median over
-steps after `warmup_steps`; tokens/s is TRL's own `num_tokens` count over the same steps.
-overhead_pct = 100 * (lmforge median s/step / plain median s/step - 1).
+A callback stamps `time.perf_counter()` at every optimizer step end in both legs; a leg's s/step is the
+median over its steps after `warmup_steps`; tokens/s is TRL's own `num_tokens` count over the same steps.
+Each round gives ratio = lmforge s/step / plain s/step (adjacent legs, so the drift between rounds
+cancels); overhead_pct = 100 * (median ratio over rounds - 1).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ class BenchFinetuneConfig:
     global_batch_size: int = field(default=4, metadata={"help": "examples per optimizer step"})
     max_len: int = field(default=256, metadata={"help": "max tokens per example"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate of both legs"})
+    repeats: int = field(default=3, metadata={"help": "rounds of both legs, interleaved (order alternates); the "
+                         "overhead is the median of the per-round ratios"})
     output: str = field(default="runs/bench/finetune.json", metadata={"help": "JSON report"})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "global_batch_size", "max_len"):
+        for name in ("steps", "micro_batch_size", "global_batch_size", "max_len", "repeats"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if not 0 <= self.warmup_steps < self.steps:
@@ -114,7 +119,6 @@ def bench_finetune(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig) -> di
 
 def _bench(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig, work: Path) -> dict[str, Any]:
     import torch
-    from datasets import Dataset
 
     from lifecycle.checkpoint import load_checkpoint, save_checkpoint
 
@@ -136,19 +140,51 @@ def _bench(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig, work: Path) -
     common = dict(init_from=str(base.path), data=data, max_len=cfg.max_len, micro_batch_size=cfg.micro_batch_size,
                   global_batch_size=cfg.global_batch_size, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
                   eval_fraction=0.0, eval_every=0, save_every=cfg.steps, warmup_ratio=0.0, progress=False)
-    # ---- lmforge leg: the recipe, with the timer added to its callbacks
-    ours_timer = _timer()
+    tokenizer = base.load_tokenizer()
+    examples = _same_examples(stage, common, tokenizer, work)
+    legs = {"lmforge": lambda r: _ours_leg(stage, cfg, common, work / f"lmforge-{r}"),
+            "plain_trl": lambda r: _plain_leg(stage, cfg, base, tokenizer, examples, work / f"plain-{r}")}
+    rounds: list[dict[str, Any]] = []
+    for r in range(cfg.repeats):
+        order = ("lmforge", "plain_trl") if r % 2 == 0 else ("plain_trl", "lmforge")
+        result: dict[str, Any] = {"order": list(order)}
+        for name in order:
+            print(f"round {r + 1}/{cfg.repeats}: {name}", flush=True)
+            result[name] = legs[name](r)
+        result["ratio"] = result["lmforge"]["median_s_per_step"] / result["plain_trl"]["median_s_per_step"]
+        rounds.append(result)
+    ratio = statistics.median(x["ratio"] for x in rounds)
+    summary = {name: {key: statistics.median(x[name][key] for x in rounds)
+                      for key in ("median_s_per_step", "mean_s_per_step", "tokens_per_s")}
+               | {"final_loss": rounds[-1][name]["final_loss"]} for name in legs}
+    report = {"benchmark": stage, "config": asdict(cfg), "data": data,
+              "base": cfg.init_from or f"fresh {cfg.preset} model (seed 0)",
+              "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+              "lmforge": summary["lmforge"], "plain_trl": summary["plain_trl"], "rounds": rounds,
+              "ratios": [x["ratio"] for x in rounds], "median_ratio": ratio, "overhead_pct": 100 * (ratio - 1),
+              "method": __doc__.split("\n\n", 1)[1].strip()}
+    from lifecycle.data.manifest import atomic_write_text
+
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.output, json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("benchmark", "lmforge", "plain_trl", "ratios", "overhead_pct")},
+                     indent=2))
+    return report
+
+
+def _ours_leg(stage: str, cfg: BenchFinetuneConfig, common: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The recipe, with the step timer added to its callbacks; a fresh output dir (no resume)."""
     import transformers
 
+    timer = _timer()
     real_init = transformers.Trainer.__init__
 
     def init_with_timer(self, *args, **kwargs):
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), ours_timer]
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), timer]
         real_init(self, *args, **kwargs)
 
     transformers.Trainer.__init__ = init_with_timer
     try:
-        out = work / "lmforge"
         if stage == "sft":
             from lifecycle.recipes.sft import SFTRecipeConfig, sft
 
@@ -159,13 +195,23 @@ def _bench(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig, work: Path) -
             dpo(DPORecipeConfig(output_dir=str(out), **common))
     finally:
         transformers.Trainer.__init__ = real_init
-    ours_losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()
-                   if "loss" in json.loads(ln)]
-    # ---- plain TRL leg: conversational records, TRL tokenizes, same hyperparameters
-    tokenizer = base.load_tokenizer()
+    losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(ln)]
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a checkpoint per round would fill the disk on a large preset
+    return _summary(timer, cfg.warmup_steps, losses)
+
+
+def _plain_leg(stage: str, cfg: BenchFinetuneConfig, base, tokenizer, examples: list[Any], out: Path
+               ) -> dict[str, Any]:
+    """What a TRL user writes: conversational records, TRL tokenizes, the same hyperparameters."""
+    import torch
+    from datasets import Dataset
+
     model = base.load_model(dtype=torch.float32)
-    plain_timer = _timer()
-    args = dict(output_dir=str(work / "plain"), use_cpu=not torch.cuda.is_available(), bf16=False,
+    timer = _timer()
+    args = dict(output_dir=str(out), use_cpu=not torch.cuda.is_available(), bf16=False,
                 per_device_train_batch_size=cfg.micro_batch_size,
                 gradient_accumulation_steps=cfg.global_batch_size // cfg.micro_batch_size, max_steps=cfg.steps,
                 learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
@@ -173,34 +219,19 @@ def _bench(stage: Literal["sft", "dpo"], cfg: BenchFinetuneConfig, work: Path) -
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        rows = [{"messages": c.as_dicts()} for c in _same_examples(stage, common, tokenizer, work)]
+        rows = [{"messages": c.as_dicts()} for c in examples]
         trainer = SFTTrainer(model=model, args=SFTConfig(assistant_only_loss=True, **args), processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(rows), callbacks=[plain_timer])
+                             train_dataset=Dataset.from_list(rows), callbacks=[timer])
     else:
         from trl import DPOConfig, DPOTrainer
 
         rows = [{"prompt": [{"role": m.role, "content": m.content} for m in p.prompt],
                  "chosen": [{"role": "assistant", "content": p.chosen}],
-                 "rejected": [{"role": "assistant", "content": p.rejected}]}
-                for p in _same_examples(stage, common, tokenizer, work)]
+                 "rejected": [{"role": "assistant", "content": p.rejected}]} for p in examples]
         trainer = DPOTrainer(model=model, args=DPOConfig(precompute_ref_log_probs=True, **args),
-                             processing_class=tokenizer, train_dataset=Dataset.from_list(rows), callbacks=[plain_timer])
+                             processing_class=tokenizer, train_dataset=Dataset.from_list(rows), callbacks=[timer])
     trainer.train()
-    plain_losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    ours, plain = _summary(ours_timer, cfg.warmup_steps, ours_losses), _summary(plain_timer, cfg.warmup_steps,
-                                                                               plain_losses)
-    report = {"benchmark": stage, "config": asdict(cfg), "data": data,
-              "base": cfg.init_from or f"fresh {cfg.preset} model (seed 0)",
-              "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-              "lmforge": ours, "plain_trl": plain,
-              "overhead_pct": 100 * (ours["median_s_per_step"] / plain["median_s_per_step"] - 1),
-              "method": __doc__.split("\n\n", 1)[1].strip()}
-    from lifecycle.data.manifest import atomic_write_text
-
-    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.output, json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("benchmark", "lmforge", "plain_trl", "overhead_pct")}, indent=2))
-    return report
+    return _summary(timer, cfg.warmup_steps, [r["loss"] for r in trainer.state.log_history if "loss" in r])
 
 
 def add_action(actions: Any) -> None:

@@ -19,12 +19,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lifecycle.errors import ConfigError
 from lifecycle.recipes.posttrain import FinetuneConfig, add_finetune_command
 
-LossType = Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"]
+# Every loss TRL 1.16's DPOTrainer implements (trl/trainer/dpo_trainer.py, `_compute_loss`); a test compares this
+# list with TRL's source, so a TRL upgrade that adds or drops one fails there rather than at step 1 of a run.
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 REF_CHUNK_BATCHES = 8  # partial reference log-probs are saved every this many batches
 
 
@@ -34,8 +38,10 @@ class DPORecipeConfig(FinetuneConfig):
     ref_model: str | None = field(default=None, metadata={"help": "frozen reference checkpoint (default: --init-from)"})
     beta: float = field(default=0.1, metadata={"help": "strength of the KL penalty to the reference (DPO beta; "
                         "IPO's tau)"})
-    loss_type: LossType = field(default="sigmoid", metadata={"help": "sigmoid = DPO; ipo, hinge, robust, ... (TRL's)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "conservative/robust DPO label noise in [0, 0.5)"})
+    loss_type: LossType = field(default="sigmoid", metadata={"help": "sigmoid = DPO (Rafailov et al. 2023); ipo, "
+                                "hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, apo_zero, ... (TRL's)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative/robust DPO label noise in [0, 0.5) "
+                                   "(exo_pair needs > 0; its paper uses 1e-3)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,6 +51,10 @@ class DPORecipeConfig(FinetuneConfig):
             raise ConfigError(f"--beta must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"--loss-type {self.loss_type!r}: TRL's DPOTrainer offers {', '.join(LOSS_TYPES)}")
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ConfigError("--loss-type exo_pair needs --label-smoothing > 0 (the EXO paper uses 1e-3)")
 
 
 def encode_dpo(tokenizer, pair, cfg: DPORecipeConfig) -> dict[str, Any] | None:

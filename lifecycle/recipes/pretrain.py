@@ -39,7 +39,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 @dataclass
 class PretrainConfig:
-    data: list[str] = field(default_factory=list, metadata={"help": "training text: .txt/.jsonl/.json/.parquet/.csv files or directories"})
+    data: list[str] = field(default_factory=list, metadata={"help": "training text: .txt/.jsonl/.json/.parquet/.csv files or directories; with weights (domain.jsonl:0.1,general/:0.9) the sources are mixed by document share"})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "held-out text; if empty, --eval-fraction of --data is held out"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in jsonl/json/parquet/csv"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: the --init-from checkpoint's)"})
@@ -135,7 +135,8 @@ def prepare_data(cfg: PretrainConfig, tokenizer, tokenizer_id: str, cache_dir: P
     from lifecycle.data.packing import pack_blocks, tokenize_stream
     from lifecycle.data.readers import ReadStats, expand_inputs, iter_documents
 
-    train_files = expand_inputs(cfg.data)
+    sources = weighted_sources(cfg.data)
+    train_files = expand_inputs([s.path for s in sources] if sources else cfg.data)
     eval_files = expand_inputs(cfg.eval_data) if cfg.eval_data else []
     key = {
         "train": [(str(p), sha256_file(p)) for p in train_files],
@@ -143,6 +144,8 @@ def prepare_data(cfg: PretrainConfig, tokenizer, tokenizer_id: str, cache_dir: P
         "text_field": cfg.text_field, "tokenizer": tokenizer_id, "seq_len": cfg.seq_len,
         "eval_fraction": 0.0 if eval_files else cfg.eval_fraction,
     }
+    if sources:  # only then: caches of unweighted runs keep their keys
+        key |= {"mix": [(s.path, s.weight) for s in sources], "seed": cfg.seed}
     key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_dir / key_hash
     if (cache / "dataset_manifest.json").is_file():
@@ -151,15 +154,37 @@ def prepare_data(cfg: PretrainConfig, tokenizer, tokenizer_id: str, cache_dir: P
                           manifest.content_hash(), manifest.to_dict())
 
     stats = ReadStats()
-    train_texts: list[str] = []
+    per_source: list[list[str]] = []
     eval_texts: list[str] = []
-    for doc in iter_documents(train_files, text_field=cfg.text_field, stats=stats):
-        (eval_texts if not eval_files and _doc_is_heldout(doc.text, cfg.eval_fraction) else train_texts).append(doc.text)
+    for group in ([s.path] for s in sources) if sources else [train_files]:
+        per_source.append([])
+        for doc in iter_documents(group, text_field=cfg.text_field, stats=stats):
+            heldout = not eval_files and _doc_is_heldout(doc.text, cfg.eval_fraction)
+            (eval_texts if heldout else per_source[-1]).append(doc.text)
+        if sources and not per_source[-1]:
+            raise DataError(f"{group[0]}: no usable documents in this --data source ({stats.summary()})")
     if eval_files:
         eval_texts = [d.text for d in iter_documents(eval_files, text_field=cfg.text_field, stats=stats)]
+    mix_extra: dict[str, Any] = {}
+    if sources:  # documents drawn by weight, seeded (lifecycle/data/mixing.py); the realized token shares recorded
+        from lifecycle.data.mixing import plan_mix
+
+        order = plan_mix([len(t) for t in per_source], [s.weight for s in sources], seed=cfg.seed)
+        train_texts = [per_source[k][i] for k, i in order]
+    else:
+        order, train_texts = [], per_source[0]
     if not train_texts:
         raise DataError(f"empty corpus: no usable documents in {', '.join(map(str, cfg.data))}")
-    train_stream, num_train_docs = tokenize_stream(train_texts, tokenizer)
+    doc_lengths: list[int] = []
+    train_stream, num_train_docs = tokenize_stream(train_texts, tokenizer, doc_lengths=doc_lengths)
+    if sources:
+        used, tokens = [0] * len(sources), [0] * len(sources)
+        for (k, _), n in zip(order, doc_lengths):
+            used[k], tokens[k] = used[k] + 1, tokens[k] + n
+        mix_extra["mix"] = [{"source": s.path, "weight": round(s.weight, 6), "documents_available": len(per_source[k]),
+                             "documents_used": used[k], "tokens_used": tokens[k],
+                             "token_share": round(tokens[k] / max(sum(tokens), 1), 6)}
+                            for k, s in enumerate(sources)]
     eval_stream, num_eval_docs = tokenize_stream(eval_texts, tokenizer)
     train = pack_blocks(train_stream, cfg.seq_len)
     evalb = pack_blocks(eval_stream, cfg.seq_len)
@@ -172,7 +197,8 @@ def prepare_data(cfg: PretrainConfig, tokenizer, tokenizer_id: str, cache_dir: P
         extra={"tokenizer": tokenizer_id, "seq_len": cfg.seq_len,
                "tail_tokens_dropped": int(len(train_stream) - train.size), "train_blocks": int(len(train)),
                "eval_blocks": int(len(evalb)), "train_documents": num_train_docs, "eval_documents": num_eval_docs,
-               "eval_tokens": int(len(eval_stream)), "heldout": "files" if eval_files else f"fraction {cfg.eval_fraction}"})
+               "eval_tokens": int(len(eval_stream)), "heldout": "files" if eval_files else f"fraction {cfg.eval_fraction}",
+               **mix_extra})
     tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     np.save(tmp / "train.npy", train)
@@ -183,6 +209,22 @@ def prepare_data(cfg: PretrainConfig, tokenizer, tokenizer_id: str, cache_dir: P
     else:  # another rank got there first with identical content
         shutil.rmtree(tmp, ignore_errors=True)
     return PackedData(train, evalb, manifest.content_hash(), manifest.to_dict())
+
+
+def weighted_sources(specs: list[str]) -> list:
+    """`--data a.jsonl:0.2,b/:0.8` -> mixing.Sources; [] when no source carries a weight (plain files are read
+    whole, in order, as before weights existed)."""
+    from lifecycle.data.mixing import parse_sources
+
+    def has_weight(item: str) -> bool:
+        _, sep, tail = item.rpartition(":")
+        try:
+            return bool(sep) and float(tail) == float(tail)
+        except ValueError:
+            return False
+
+    items = [part.strip() for spec in specs for part in spec.split(",") if part.strip()]
+    return parse_sources(items) if any(has_weight(i) for i in items) else []
 
 
 def _skip_counts(stats) -> dict[str, int]:

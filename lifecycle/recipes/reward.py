@@ -135,17 +135,27 @@ def score_file(model_dir: str | Path, data: str | Path, *, batch_size: int = 8, 
 
 
 def add_command(sub: Any) -> None:
+    """`lmforge reward [flags]` trains; `lmforge reward score` scores; `lmforge reward train` = the bare form.
+
+    The training flags live on the `reward` parser itself; the actions are an optional positional, so
+    argparse runs training when none is given (a subparser's defaults override its parent's `func`).
+    """
     from lifecycle.cli import add_subcommand
 
-    group = add_subcommand(sub, "reward", help="train a reward model (Bradley-Terry) or score responses with one",
-                           example="lmforge reward train --init-from runs/sft/final --data prefs.jsonl")
-    actions = group.add_subparsers(title="actions", metavar="ACTION")
+    train_help = "train a reward model: the LM with a scalar head on preference pairs"
+    train_description = ("Reward model on TRL's RewardTrainer: pairwise Bradley-Terry loss (optional --margin) on "
+                         "pairwise or ranked preference data (rankings expand to all ordered pairs). Reports pairwise "
+                         "accuracy on the held-out split. `lmforge reward score` scores responses with a trained one.")
+    group = add_finetune_command(
+        sub, "reward", RewardRecipeConfig, train_reward,
+        help="train a reward model (Bradley-Terry); `lmforge reward score` scores responses with one",
+        description=train_description,
+        example="lmforge reward --init-from runs/sft/final --data prefs.jsonl --max-steps 200 --output-dir runs/reward")
+    actions = group.add_subparsers(title="actions (optional; without one, train)", metavar="[train | score]",
+                                   dest="reward_action")
     add_finetune_command(
-        actions, "train", RewardRecipeConfig, train_reward,
-        help="train a reward model: the LM with a scalar head on preference pairs",
-        description=("Reward model on TRL's RewardTrainer: pairwise Bradley-Terry loss (optional --margin) on "
-                     "pairwise or ranked preference data (rankings expand to all ordered pairs). Reports pairwise "
-                     "accuracy on the held-out split."),
+        actions, "train", RewardRecipeConfig, train_reward, help=f"the same as bare `lmforge reward`: {train_help}",
+        description=train_description,
         example="lmforge reward train --init-from runs/sft/final --data prefs.jsonl --max-steps 200 "
                 "--output-dir runs/reward")
     score = add_subcommand(actions, "score", help="score (prompt, response) records with a reward model",

@@ -183,3 +183,37 @@ def test_bf16_autocast_runs_and_tracks_fp32(tmp_path, reference_run, tiny_corpus
     ref = dict(_losses(reference_run[0]))
     for step, loss in _losses(tmp_path / "run"):
         assert loss == pytest.approx(ref[step], rel=2e-2), step
+
+
+def test_weighted_sources_are_mixed_by_share_and_recorded(tmp_path, tiny_corpus, tiny_tokenizer_dir):
+    """Continued pretraining on domain.jsonl:0.2,general:0.8: documents drawn by weight (seeded), the mix in the
+    dataset manifest; unweighted --data reads every file whole, as before."""
+    from lifecycle.recipes.pretrain import prepare_data
+    from lifecycle.tokenizer import load_tokenizer
+
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("".join(json.dumps({"text": f"python reads the file {i} and the model writes it"}) + "\n"
+                              for i in range(100)))
+    tok = load_tokenizer(tiny_tokenizer_dir)
+
+    def prepared(data, name, seed=0):
+        cfg = PretrainConfig(data=data, tokenizer=str(tiny_tokenizer_dir), seq_len=16, eval_fraction=0.0,
+                             max_steps=2, warmup_steps=0, seed=seed)
+        return prepare_data(cfg, tok, "tok", tmp_path / name)
+
+    mixed = prepared([f"{domain}:0.2,{tiny_corpus}:0.8"], "mixed")
+    mix = mixed.manifest["extra"]["mix"]
+    general_docs = sum(1 for _ in open(tiny_corpus))
+    assert [m["source"] for m in mix] == [str(domain), str(tiny_corpus)]
+    # the largest mix no source repeats for: all 300 general documents, and 75 domain ones (20% of 375)
+    assert [m["documents_used"] for m in mix] == [75, general_docs] and mix[0]["documents_available"] == 100
+    assert sum(m["tokens_used"] for m in mix) == mixed.manifest["num_tokens"]
+    assert 0 < mix[0]["token_share"] < 0.2  # domain documents are shorter than the general ones
+    again, other_seed = prepared([f"{domain}:0.2,{tiny_corpus}:0.8"], "again"), \
+        prepared([f"{domain}:0.2,{tiny_corpus}:0.8"], "seed1", seed=1)
+    assert (again.train == mixed.train).all() and not (other_seed.train.shape == mixed.train.shape
+                                                       and (other_seed.train == mixed.train).all())
+    plain = prepared([str(domain), str(tiny_corpus)], "plain")
+    assert "mix" not in plain.manifest["extra"] and plain.manifest["extra"]["train_documents"] == 100 + general_docs
+    with pytest.raises(ConfigError, match="weight"):
+        prepared([f"{domain}:0.2,{tiny_corpus}:-1"], "bad")

@@ -13,7 +13,8 @@ Parts (`--parts`, all by default):
 - throughput: documents/s and MB/s on one core for the default pipeline, next to the same rules built
   from datatrove's stock blocks only (its Gopher/C4/FineWeb filters, PIIFormatter, MinHash with word
   5-grams, exact dedup; no language id: datatrove's needs a fastText download), one after the other.
-- memory: peak RSS of a pipeline run on a generated input of `--memory-mb` MB, in a child process.
+- memory: peak RSS (main process and largest worker), MB/s and MB/s per core of the default pipeline on
+  generated inputs of `--memory-mb` / 4 and `--memory-mb` MB, `--workers` processes, in a child process.
 Accuracy parts do not depend on machine load; throughput and memory do (run them on a quiet machine).
 """
 
@@ -186,39 +187,51 @@ def _write_input(path: Path, base: list[str], size_mb: float) -> int:
     return i
 
 
-def _peak_rss_mb(src: Path, out: Path) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of `lmforge curate run src -o out` in a child process (its own ru_maxrss)."""
+def _peak_rss_mb(src: Path, out: Path, workers: int = 1) -> dict[str, float]:
+    """Peak RSS (MB) of `lmforge curate run src -o out --workers N` in a child process: its own ru_maxrss and
+    the largest of its worker processes' (RUSAGE_CHILDREN: datatrove's pool workers, waited for at the end of
+    each stage), and the wall seconds."""
     code = ("import resource, sys; from lifecycle.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out),
+                           "--workers", str(workers)], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise ConfigError(f"memory run failed: {proc.stderr[-2000:]}")
-    peak_kb = int(next(ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")).split()[1])
-    return round(peak_kb / 1024, 1), seconds  # ru_maxrss is in KiB on Linux
+    main_kb, worker_kb = map(int, next(ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")).split()[1:])
+    # ru_maxrss is in KiB on Linux
+    return {"main_mb": round(main_kb / 1024, 1), "largest_worker_mb": round(worker_kb / 1024, 1),
+            "peak_mb": round(max(main_kb, worker_kb) / 1024, 1), "seconds": seconds}
 
 
-def bench_memory(root: Path, work: Path, size_mb: int) -> dict[str, Any]:
-    """Peak RSS of the default pipeline (one worker) on a 1 MB input and on a size_mb input: bounded memory
-    means the second is not larger by anything like the input's size."""
+def bench_memory(root: Path, work: Path, size_mb: int, workers: int = 1) -> dict[str, Any]:
+    """Peak RSS and speed of the default pipeline on a generated input of size_mb / 4 MB and of size_mb MB (one
+    file: with several workers it is split into byte ranges). Bounded memory means the larger run's peak is not
+    larger by anything like the extra input; MB/s per core is MB/s / workers."""
     from lifecycle.data.curate.bench_data import chinese_texts, wikitext_paragraphs
 
     base = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
-    result: dict[str, Any] = {}
-    for label, mb in (("small", 1), ("large", size_mb)):
+    result: dict[str, Any] = {"workers": workers}
+    for label, mb in (("small", max(1, size_mb // 4)), ("large", size_mb)):
         src = work / f"mem_{label}" / "input.jsonl"
         docs = _write_input(src, base, mb)
-        rss, seconds = _peak_rss_mb(src, work / f"mem_{label}_out")
-        result[label] = {"input_mb": round(src.stat().st_size / 1e6, 1), "documents": docs, "peak_rss_mb": rss,
-                         "seconds": round(seconds, 1)}
+        input_mb = src.stat().st_size / 1e6
+        rss = _peak_rss_mb(src, work / f"mem_{label}_out", workers)
+        seconds = rss.pop("seconds")
+        result[label] = {"input_mb": round(input_mb, 1), "documents": docs, "peak_rss_mb": rss["peak_mb"],
+                         "rss": rss, "seconds": round(seconds, 1), "mb_per_s": round(input_mb / seconds, 3),
+                         "mb_per_s_per_core": round(input_mb / seconds / workers, 3),
+                         "docs_per_s": round(docs / seconds, 1)}
         src.unlink()  # a multi-GB input need not stay on disk beside the output
+    result["rss_growth_mb"] = round(result["large"]["peak_rss_mb"] - result["small"]["peak_rss_mb"], 1)
+    result["input_growth_mb"] = round(result["large"]["input_mb"] - result["small"]["input_mb"], 1)
     return result
 
 
 def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memory_mb: int = 100,
-              max_docs: int | None = None) -> dict[str, Any]:
+              max_docs: int | None = None, workers: int = 1) -> dict[str, Any]:
     from lifecycle.data.curate.pipeline import quiet_datatrove
 
     root = Path(data_root)
@@ -242,7 +255,7 @@ def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memor
             elif part == "throughput":
                 result["throughput"] = bench_throughput(root, work, max_docs)
             elif part == "memory":
-                result["memory"] = bench_memory(root, work, memory_mb)
+                result["memory"] = bench_memory(root, work, memory_mb, workers)
             result.setdefault("seconds", {})[part] = round(time.perf_counter() - start, 1)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,15 +291,18 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += [f"| {k} | {v:.4f} | {lg['sentences'][k]} |" for k, v in lg["per_language"].items()]
         lines.append("")
     if t := r.get("throughput"):
-        lines += ["## Throughput (1 worker)", "", "| pipeline | docs/s | MB/s |", "|---|---|---|"]
+        lines += ["## Throughput (1 worker)", "", "| pipeline | docs/s | MB/s (per core: 1 worker) |", "|---|---|---|"]
         for name in ("lmforge", "datatrove_stock"):
             lines.append(f"| {name} | {t[name]['docs_per_s']:.1f} | {t[name]['mb_per_s']:.3f} |")
         lines.append("")
     if m := r.get("memory"):
-        lines += ["## Memory (peak RSS, default pipeline, 1 worker)", "", "| input | documents | peak RSS |",
-                  "|---|---|---|"]
-        lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['peak_rss_mb']} MB |" for v in m.values()]
-        lines.append("")
+        lines += [f"## Memory and speed (default pipeline, {m['workers']} worker(s), one input file)", "",
+                  "| input | documents | peak RSS (main / largest worker) | MB/s | MB/s per core | docs/s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['peak_rss_mb']} MB ({v['rss']['main_mb']} / "
+                  f"{v['rss']['largest_worker_mb']}) | {v['mb_per_s']} | {v['mb_per_s_per_core']} | {v['docs_per_s']} |"
+                  for v in (m["small"], m["large"])]
+        lines += ["", f"Peak RSS grew {m['rss_growth_mb']} MB for {m['input_growth_mb']} MB more input.", ""]
     return "\n".join(lines)
 
 
@@ -302,10 +318,12 @@ def add_bench_action(actions: Any) -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--memory-mb", type=int, default=100, help="size of the generated input for the memory part")
     parser.add_argument("--max-docs", type=int, help="cap documents per language (quick runs)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes for the memory part (its MB/s per "
+                        "core divides by this)")
 
     def _run(args: Any) -> int:
         result = run_bench(args.data_root, args.output, tuple(p for p in args.parts.split(",") if p),
-                           args.memory_mb, args.max_docs)
+                           args.memory_mb, args.max_docs, args.workers)
         print(to_markdown(result))
         print(f"wrote {args.output}")
         return 0

@@ -222,6 +222,9 @@ class CurateConfig:
     text_field: str = "text"
     txt_mode: str = "paragraph"
     workers: int = 1
+    # With several workers, an input file larger than its share of the bytes (and than this) is cut into
+    # line-aligned byte ranges that workers read in parallel (uncompressed jsonl and line/paragraph txt).
+    split_bytes: int = 4 << 20
     executor: str = "local"  # local | ray
     docs_per_shard: int = 100_000  # output shards hold at most this many documents
     samples_per_reason: int = 5  # removed documents kept per rule for the report
@@ -238,6 +241,7 @@ class CurateConfig:
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "workers", "must be >= 1")
+        _check(self.split_bytes >= 1, "split_bytes", f"must be >= 1 (bytes), got {self.split_bytes!r}")
         _check(self.executor in ("local", "ray"), "executor", f"must be local or ray, got {self.executor!r}")
         _check(self.docs_per_shard >= 1, "docs_per_shard", "must be >= 1")
         _check(self.txt_mode in ("line", "paragraph", "file"), "txt_mode", "must be line, paragraph or file")

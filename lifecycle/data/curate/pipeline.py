@@ -1,6 +1,6 @@
 """The curation pipeline as datatrove stages, run one after another by an executor.
 
-    filter     InputReader > langid > clean > quality > classifier > perplexity > pii > decontam
+    filter     InputReader(parts) > langid > clean > quality > classifier > perplexity > pii > decontam
                > ShardWriter(work/filtered) > ExactDedupSignature                       (N tasks)
     exact_find ExactFindDedups                                                         (1 task)
     near_sig   ShardReader(filtered) > ExactDedupFilter > ShardWriter(work/exact)
@@ -122,7 +122,7 @@ def run_pipeline(config: CurateConfig, files: dict[str, str], *, show_progress: 
     from lifecycle.data.curate.dedup import CjkMinhashSignature, VerifiedMinhashCluster, minhash_config, normalized_text
     from lifecycle.data.curate.mixing import Mixer, SourceCounter, TokenCounter, mixing_rates
     from lifecycle.data.curate.output import OutputWriter
-    from lifecycle.data.curate.shards import InputReader, ShardReader, ShardWriter
+    from lifecycle.data.curate.shards import InputReader, ShardReader, ShardWriter, plan_parts
     from lifecycle.data.curate.step import Guarded, read_counts
 
     paths = Paths(config.output_dir)
@@ -134,8 +134,10 @@ def run_pipeline(config: CurateConfig, files: dict[str, str], *, show_progress: 
     exact_cfg = ExactDedupConfig(content_getter=normalized_text)
     stages: list[tuple[str, list, int]] = []
 
+    parts = plan_parts(list(files), n, txt_mode=config.txt_mode, split_bytes=config.split_bytes)
+    log.info("inputs: %d files in %d parts over %d workers", len(files), sum(map(len, parts)), n)
     filter_steps = [InputReader(files, work, text_field=config.text_field, txt_mode=config.txt_mode,
-                                show_progress=show_progress),
+                                show_progress=show_progress, parts=parts),
                     *per_document_blocks(config, work), ShardWriter(paths.filtered)]
     if config.dedup.exact:
         filter_steps.append(ExactDedupSignature(str(paths.exact_sigs), exact_cfg))

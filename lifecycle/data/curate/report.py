@@ -36,8 +36,11 @@ def collect(paths: Paths) -> dict[str, Counter[str]]:
 
 def build_manifest(config: CurateConfig, paths: Paths, counts: dict[str, Counter[str]]) -> DatasetManifest:
     files: dict[str, dict[str, int]] = {}
-    for part in sorted((paths.work / "files").glob("*.json")):
-        files.update(json.loads(part.read_text(encoding="utf-8")))
+    for part in sorted((paths.work / "files").glob("*.json")):  # one per rank; a split file is in several
+        for path, n in json.loads(part.read_text(encoding="utf-8")).items():
+            total = files.setdefault(path, {"num_documents": 0, "num_skipped": 0})
+            total["num_documents"] += n["num_documents"]
+            total["num_skipped"] += n["num_skipped"]
     sources = [SourceInfo.from_file(p, num_documents=files[p]["num_documents"], num_skipped=files[p]["num_skipped"])
                for p in sorted(files)]
     removed: dict[str, int] = {}

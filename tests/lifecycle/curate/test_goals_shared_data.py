@@ -39,3 +39,20 @@ def test_near_duplicate_precision_and_recall(shared_data, tmp_path):
     result = bench_dedup(shared_data, tmp_path, max_docs=400)
     assert result["planted_near"] >= 60
     assert result["recall_near"] >= 0.95 and result["recall_exact"] == 1.0 and result["precision"] >= 0.99
+
+
+def test_bench_memory_reports_peak_rss_and_mb_per_s_per_core(shared_data, tmp_path):
+    """`lmforge bench curate --parts memory --workers 2`: one generated file split over two workers; peak RSS of
+    the main process and of the largest worker, MB/s and MB/s per core, for a 1 MB and a 2 MB input."""
+    from lifecycle.data.curate.bench import bench_memory, to_markdown
+
+    result = bench_memory(shared_data, tmp_path, size_mb=2, workers=2)
+    small, large = result["small"], result["large"]
+    assert small["input_mb"] == pytest.approx(1, abs=0.1) and large["input_mb"] == pytest.approx(2, abs=0.1)
+    for run in (small, large):
+        assert run["rss"]["main_mb"] > 50 and run["rss"]["largest_worker_mb"] > 50  # python + torch imported
+        assert run["peak_rss_mb"] == max(run["rss"]["main_mb"], run["rss"]["largest_worker_mb"])
+        assert run["mb_per_s_per_core"] == pytest.approx(run["mb_per_s"] / 2, abs=2e-3) and run["mb_per_s"] > 0
+    assert result["rss_growth_mb"] == pytest.approx(large["peak_rss_mb"] - small["peak_rss_mb"], abs=0.11)
+    assert result["rss_growth_mb"] < 30  # 1 MB more input; the limit is loose: this is about the fields
+    assert "MB/s per core" in to_markdown({"memory": result})

@@ -117,9 +117,9 @@ def test_mixture_realized_shares_are_reported(messy_corpus):
 
 
 def test_a_killed_task_is_redone_and_finished_ones_are_not(messy_corpus, monkeypatch):
-    """Rank 1 of 3 in the filter stage dies half-way (a crash inside a block); the rerun redoes only that rank.
-    Files go to ranks in sorted order: rank 0 reads en/empty.jsonl + zh/part1.jsonl, rank 1 en/part1.jsonl,
-    rank 2 zh/junk.txt."""
+    """Rank 0 of 3 in the filter stage dies half-way (a crash inside a block); the rerun redoes only that rank.
+    Files go to ranks contiguously by bytes (shards.plan_parts; all under split_bytes, so read whole): rank 0 reads
+    en/empty.jsonl + en/part1.jsonl, rank 1 zh/junk.txt, rank 2 zh/part1.jsonl."""
     from lifecycle.data.curate import pii
     from lifecycle.data.curate.pipeline import quiet_datatrove, run_pipeline
     from lifecycle.data.curate.report import finalize
@@ -133,11 +133,11 @@ def test_a_killed_task_is_redone_and_finished_ones_are_not(messy_corpus, monkeyp
     def flaky(self, doc):
         if "/en/" in doc.id and doc.id.endswith(":30") and crash_marker.exists():
             crash_marker.unlink()
-            # let ranks 0 and 2 complete first (datatrove's completion markers): the pool is torn down when a
+            # let ranks 1 and 2 complete first (datatrove's completion markers): the pool is torn down when a
             # task fails, and this test is about what a rerun does with finished and unfinished ranks
             done = messy_corpus["root"] / "k" / "work" / "logs" / "filter" / "completions"
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not all((done / f"{r:05d}").exists() for r in (0, 2)):
+            while time.monotonic() < deadline and not all((done / f"{r:05d}").exists() for r in (1, 2)):
                 time.sleep(0.2)
             raise RuntimeError("simulated crash")
         return original(self, doc)
@@ -149,7 +149,7 @@ def test_a_killed_task_is_redone_and_finished_ones_are_not(messy_corpus, monkeyp
         run_pipeline(config, files, show_progress=False)
     paths_filtered = messy_corpus["root"] / "k" / "work" / "filtered"
     finished = {p.name: p.stat().st_mtime_ns for p in paths_filtered.glob("*.jsonl.gz")}
-    assert sorted(finished) == ["00000.jsonl.gz", "00002.jsonl.gz"]  # rank 1 died before writing its shard
+    assert sorted(finished) == ["00001.jsonl.gz", "00002.jsonl.gz"]  # rank 0 died before writing its shard
     paths = run_pipeline(config, files, show_progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in paths_filtered.glob("*.jsonl.gz") if p.name in finished} == finished
     resumed, _ = finalize(config, paths)
