@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lifecycle.checkpoint import Checkpoint
+from lifecycle.data.mixing import parse_sources
 from lifecycle.errors import DataError
 
 
@@ -25,7 +26,9 @@ def _recipe_data(ckpt: Checkpoint) -> tuple[list[str], list[str], str, float]:
     if not data:
         raise DataError(f"{ckpt.path}: the manifest names no training data (recipe {ckpt.recipe or 'none'}); "
                         "pass --calibration-data FILE")
-    data = [_relocated(ckpt, d) for d in data]
+    # `lmforge pretrain --data a.jsonl:0.2,b/:0.8` records weighted sources: calibration reads each source's
+    # documents (the mixture's shares do not matter for calibration statistics)
+    data = [_relocated(ckpt, source.path) for source in parse_sources(list(data))]
     eval_data = [_relocated(ckpt, d) for d in rc.get("eval_data") or []]
     return data, eval_data, rc.get("text_field", "text"), float(rc.get("eval_fraction", 0.0))
 
