@@ -128,20 +128,33 @@ def add_command(sub: Any) -> None:
     from lifecycle.cli import add_subcommand
 
     parser = add_subcommand(
-        sub, "export", help="merge a LoRA adapter into its base and write a normal checkpoint (logit parity checked)",
+        sub, "export", help="merge a LoRA adapter into its base (logit parity checked), or export a checkpoint to ONNX",
         description=("Merge a LoRA adapter (the final/ of `lmforge sft --lora`, reward or dpo) into the base checkpoint "
                      "named in its manifest, check that the merged model's logits equal base+adapter's within "
-                     "--atol, and write a checkpoint any stage (serve, quant) can load."),
-        example="lmforge export runs/sft-lora/final --output runs/sft-merged")
-    parser.add_argument("adapter", help="LoRA adapter directory")
+                     "--atol, and write a checkpoint any stage (serve, quant) can load. With --format onnx: export "
+                     "a checkpoint to an ONNX decoder with KV cache (+ genai_config.json for onnxruntime-genai), "
+                     "greedy parity against transformers checked, optionally fp16 / int8 / int4 "
+                     "(lifecycle/onnx_export/)."),
+        example="lmforge export runs/sft-lora/final --output runs/sft-merged\n"
+                "  lmforge export --format onnx runs/small/final -o runs/small-onnx-int4 --quantize int4")
+    parser.add_argument("adapter", help="LoRA adapter directory (--format onnx: the checkpoint to export)")
+    parser.add_argument("--format", choices=("merge", "onnx"), default="merge",
+                        help="merge: LoRA adapter -> merged checkpoint (default); onnx: checkpoint -> ONNX export")
     parser.add_argument("--output", "-o", required=True, help="directory of the merged checkpoint")
     parser.add_argument("--base", default=None, help="base checkpoint (default: the adapter manifest's parent)")
     parser.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| accepted (default 1e-4)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    from lifecycle.onnx_export.cli import add_arguments
+
+    add_arguments(parser)
     parser.set_defaults(func=_run)
 
 
 def _run(args: Any) -> int:
+    if args.format == "onnx":
+        from lifecycle.onnx_export.cli import run
+
+        return run(args)
     if not args.atol > 0:
         raise ConfigError(f"--atol must be positive, got {args.atol}")
     path, diff = export_merged(args.adapter, args.output, base=args.base, atol=args.atol, overwrite=args.overwrite)

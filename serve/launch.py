@@ -19,11 +19,14 @@ from typing import Any
 from lifecycle.errors import ConfigError
 
 log = logging.getLogger(__name__)
+BACKENDS = ("native", "onnxruntime")
 
 
 @dataclass
 class ServeConfig:
     model: str | None = field(default=None, metadata={"help": "checkpoint directory to serve (required; `lmforge demo` prints one)"})
+    backend: str = field(default="native", metadata={"help": "native (lmforge's engine) or onnxruntime (--model is an "
+                                                             "`lmforge export --format onnx` directory)"})
     draft_model: str | None = field(default=None, metadata={"help": "draft checkpoint sharing the tokenizer: speculative decoding with it"})
     ngram: bool = field(default=False, metadata={"help": "speculative decoding with n-gram prompt lookup (no draft model)"})
     num_speculative_tokens: int = field(default=4, metadata={"help": "drafts verified per sequence and step"})
@@ -56,6 +59,10 @@ class ServeConfig:
         if self.model is None:
             raise ConfigError("--model: give the checkpoint directory to serve (e.g. the target `lmforge demo` prints)")
         self.model = str(checked_checkpoint_dir(self.model, "--model"))
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "onnxruntime" and (self.draft_model or self.ngram):
+            raise ConfigError("--backend onnxruntime has no speculative decoding: drop --draft-model/--ngram")
         if self.draft_model is not None:
             self.draft_model = str(checked_checkpoint_dir(self.draft_model, "--draft-model"))
             if self.ngram:
@@ -135,6 +142,12 @@ def _run(args: Any) -> int:
     if server_config.auth_token is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --auth-token-file/--auth-token-env: anyone who can reach it may use it",
                     cfg.host)
-    asyncio.run(run_server(NativeBackend(cfg.engine_config()), server_config, http=http_config,
+    if cfg.backend == "onnxruntime":
+        from serve.backends.onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(cfg.model, max_num_seqs=cfg.max_num_seqs)
+    else:
+        backend = NativeBackend(cfg.engine_config())
+    asyncio.run(run_server(backend, server_config, http=http_config,
                            announce=lambda line: print(line, flush=True)))
     return 0

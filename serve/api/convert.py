@@ -220,4 +220,4 @@ def model_info(info: ModelInfo, lmforge_version: str) -> model_pb2.ModelInfo:
                                                 enabled_by_default=spec.enabled_by_default),
         manifest_json=json.dumps(info.manifest, sort_keys=True) if info.manifest else "",
         has_chat_template=info.has_chat_template, eos_token_ids=list(info.eos_token_ids), backend=info.backend,
-        lmforge_version=lmforge_version)
+        lmforge_version=lmforge_version, unsupported_features=list(info.unsupported_features))

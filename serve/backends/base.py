@@ -64,6 +64,9 @@ class ModelInfo:
     quantization: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = None
     speculative: SpeculativeInfo = field(default_factory=SpeculativeInfo)
+    # Features of the API this backend cannot offer (e.g. "prefix_caching"); a request asking for one gets
+    # InvalidRequestError naming its field instead of silently different behaviour.
+    unsupported_features: tuple[str, ...] = ()
 
 
 @runtime_checkable

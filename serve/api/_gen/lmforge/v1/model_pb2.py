@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from serve.api._gen.lmforge.v1 import common_pb2 as lmforge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lmforge/v1/model.proto\x12\nlmforge.v1\x1a\x17lmforge/v1/common.proto\"\x12\n\x10ModelInfoRequest\"t\n\x11SpeculativeConfig\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1e\n\x16num_speculative_tokens\x18\x02 \x01(\x05\x12\x13\n\x0b\x64raft_model\x18\x03 \x01(\t\x12\x1a\n\x12\x65nabled_by_default\x18\x04 \x01(\x08\"\xbf\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11quantization_json\x18\x07 \x01(\t\x12\x32\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x1d.lmforge.v1.SpeculativeConfig\x12\x15\n\rmanifest_json\x18\t \x01(\t\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\x12\x17\n\x0flmforge_version\x18\r \x01(\t\"L\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12 \n\x04\x63hat\x18\x02 \x01(\x0b\x32\x10.lmforge.v1.ChatH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xe0\x01\n\x05Model\x12\x43\n\x0cGetModelInfo\x12\x1c.lmforge.v1.ModelInfoRequest\x1a\x15.lmforge.v1.ModelInfo\x12\x45\n\x08Tokenize\x12\x1b.lmforge.v1.TokenizeRequest\x1a\x1c.lmforge.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.lmforge.v1.DetokenizeRequest\x1a\x1e.lmforge.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lmforge/v1/model.proto\x12\nlmforge.v1\x1a\x17lmforge/v1/common.proto\"\x12\n\x10ModelInfoRequest\"t\n\x11SpeculativeConfig\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1e\n\x16num_speculative_tokens\x18\x02 \x01(\x05\x12\x13\n\x0b\x64raft_model\x18\x03 \x01(\t\x12\x1a\n\x12\x65nabled_by_default\x18\x04 \x01(\x08\"\xdd\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11quantization_json\x18\x07 \x01(\t\x12\x32\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x1d.lmforge.v1.SpeculativeConfig\x12\x15\n\rmanifest_json\x18\t \x01(\t\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\x12\x17\n\x0flmforge_version\x18\r \x01(\t\x12\x1c\n\x14unsupported_features\x18\x0e \x03(\t\"L\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12 \n\x04\x63hat\x18\x02 \x01(\x0b\x32\x10.lmforge.v1.ChatH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xe0\x01\n\x05Model\x12\x43\n\x0cGetModelInfo\x12\x1c.lmforge.v1.ModelInfoRequest\x1a\x15.lmforge.v1.ModelInfo\x12\x45\n\x08Tokenize\x12\x1b.lmforge.v1.TokenizeRequest\x1a\x1c.lmforge.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.lmforge.v1.DetokenizeRequest\x1a\x1e.lmforge.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECULATIVECONFIG']._serialized_start=83
   _globals['_SPECULATIVECONFIG']._serialized_end=199
   _globals['_MODELINFO']._serialized_start=202
-  _globals['_MODELINFO']._serialized_end=521
-  _globals['_TOKENIZEREQUEST']._serialized_start=523
-  _globals['_TOKENIZEREQUEST']._serialized_end=599
-  _globals['_TOKENIZERESPONSE']._serialized_start=601
-  _globals['_TOKENIZERESPONSE']._serialized_end=638
-  _globals['_DETOKENIZEREQUEST']._serialized_start=640
-  _globals['_DETOKENIZEREQUEST']._serialized_end=736
-  _globals['_DETOKENIZERESPONSE']._serialized_start=738
-  _globals['_DETOKENIZERESPONSE']._serialized_end=772
-  _globals['_MODEL']._serialized_start=775
-  _globals['_MODEL']._serialized_end=999
+  _globals['_MODELINFO']._serialized_end=551
+  _globals['_TOKENIZEREQUEST']._serialized_start=553
+  _globals['_TOKENIZEREQUEST']._serialized_end=629
+  _globals['_TOKENIZERESPONSE']._serialized_start=631
+  _globals['_TOKENIZERESPONSE']._serialized_end=668
+  _globals['_DETOKENIZEREQUEST']._serialized_start=670
+  _globals['_DETOKENIZEREQUEST']._serialized_end=766
+  _globals['_DETOKENIZERESPONSE']._serialized_start=768
+  _globals['_DETOKENIZERESPONSE']._serialized_end=802
+  _globals['_MODEL']._serialized_start=805
+  _globals['_MODEL']._serialized_end=1029
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class SpeculativeConfig(_message.Message):
     def __init__(self, method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., draft_model: _Optional[str] = ..., enabled_by_default: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "model_type", "vocab_size", "max_model_len", "dtype", "quantization_json", "speculative", "manifest_json", "has_chat_template", "eos_token_ids", "backend", "lmforge_version")
+    __slots__ = ("name", "architecture", "model_type", "vocab_size", "max_model_len", "dtype", "quantization_json", "speculative", "manifest_json", "has_chat_template", "eos_token_ids", "backend", "lmforge_version", "unsupported_features")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class ModelInfo(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     LMFORGE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNSUPPORTED_FEATURES_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     model_type: str
@@ -51,7 +52,8 @@ class ModelInfo(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     backend: str
     lmforge_version: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization_json: _Optional[str] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., manifest_json: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., lmforge_version: _Optional[str] = ...) -> None: ...
+    unsupported_features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization_json: _Optional[str] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., manifest_json: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., lmforge_version: _Optional[str] = ..., unsupported_features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "chat")
