@@ -43,6 +43,9 @@ class BenchEngineConfig:
     peers: list[str] = field(default_factory=lambda: ["transformers"], metadata={
         "help": "peers next to the native engine, comma or space separated: transformers; vllm (W1, W2), ort-genai, "
                 "ort-genai-int4 (W2) need `make peers`; `none` for the native engine alone"})
+    backend: list[str] = field(default_factory=lambda: ["native"], metadata={
+        "help": "engines behind the serving API to measure (W1, W2), comma separated: native, onnxruntime, "
+                "onnxruntime-int4 (an ONNX export of --model, made once and cached; serve/backends/onnxruntime_bench.py)"})
     peers_python: str | None = field(default=None, metadata={
         "help": "python of the peers' environment (default: .venv-peers/bin/python in the repo, from `make peers`)"})
     vllm_kv_cache_gib: int = field(default=2, metadata={"help": "vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE, GiB)"})
@@ -64,6 +67,12 @@ class BenchEngineConfig:
         if unknown:
             raise ConfigError(f"--workloads: unknown {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
         self.peers = parse_peers(self.peers)
+        from serve.backends.onnxruntime_bench import BACKENDS
+
+        self.backend = list(dict.fromkeys(n.strip() for item in self.backend for n in item.split(",") if n.strip()))
+        unknown = sorted(set(self.backend) - {"native", *BACKENDS})
+        if unknown:
+            raise ConfigError(f"--backend: unknown {unknown}; choose from native, {', '.join(BACKENDS)}")
         for name in ("num_requests", "prompt_len", "output_len", "latency_output_len", "prefix_len",
                      "vllm_kv_cache_gib"):
             if getattr(self, name) <= 0:
@@ -286,6 +295,11 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
             print("[bench] transformers W2: one stream", flush=True)
             record("w2", "transformers", hf_stream(model, w2_prompt, cfg.latency_output_len, pad))
         del model
+    for name in (b for b in cfg.backend if b != "native"):  # the native engine always runs: the reference
+        from serve.backends.onnxruntime_bench import run_backend
+
+        for workload, result in run_backend(name, model_path, cache_dir, w1, w2).items():
+            record(workload, name, result)
     python = peers_python(cfg.peers_python)
     options = {"kv_cache_gib": cfg.vllm_kv_cache_gib,
                "max_model_len": cfg.prompt_len + max(cfg.output_len, cfg.latency_output_len)}

@@ -157,6 +157,19 @@ class OrtEngine:
             outputs.append(self._output(seq, delta, finished=delta.finish_reason is not None))
         return outputs
 
+    def generate(self, prompts: list[Any], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run the prompts to completion (as LLMEngine.generate): one aggregated RequestOutput per prompt, in order."""
+        from serve.engine.outputs import empty_output, merge_outputs
+
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(rid, prompt, params)
+        merged: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                merged.setdefault(out.request_id, []).append(out)
+        return [merge_outputs(merged[rid]) if merged[rid] else empty_output(rid) for rid in ids]
+
     def stats(self) -> EngineStats:
         finished, self._finished_stats = self._finished_stats, []
         return EngineStats(num_running=len(self._running), num_waiting=len(self._waiting),
