@@ -87,3 +87,23 @@ def test_failed_parity_fails_the_export_and_publishes_nothing(onnx_fp32, trained
         export_onnx(OnnxExportConfig(checkpoint=str(trained_checkpoint), output=str(out), progress=False,
                                      parity_prompts=1, parity_tokens=8))
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory is left
+
+
+def test_intermediate_size_equal_to_vocab_size_exports_the_right_lm_head(trained_checkpoint, tmp_path):
+    """onnxruntime-genai's model builder would wire the logits to an MLP projection here (it takes any linear
+    layer of vocabulary size for the LM head); this exporter traces the model itself, so parity holds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lifecycle.checkpoint import load_checkpoint, save_checkpoint
+
+    parent = load_checkpoint(trained_checkpoint)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=512, vocab_size=512, max_position_embeddings=128)
+    ckpt = save_checkpoint(tmp_path / "hazard", LlamaForCausalLM(config), parent.load_tokenizer(),
+                           recipe="random-init", recipe_config={})
+    out, metrics = export_onnx(OnnxExportConfig(checkpoint=str(ckpt.path), output=str(tmp_path / "onnx"),
+                                                progress=False, parity_prompts=2, parity_tokens=8))
+    assert metrics["parity_fp32"]["identical_fraction"] == 1.0
+    assert metrics["parity_fp32"]["max_abs_logit_diff"] < 1e-4
