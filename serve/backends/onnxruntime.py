@@ -1,5 +1,6 @@
 """OnnxRuntimeBackend: the Backend Protocol (serve/backends/base.py) over an ONNX export
-(`lmforge export --format onnx`), run by onnxruntime-genai (serve/backends/onnxruntime_engine.py).
+(`lmforge export --format onnx`), run by onnxruntime (serve/backends/onnxruntime_engine.py: plain onnxruntime with
+continuous batching, or one onnxruntime-genai Generator per sequence).
 
 Same call order as NativeBackend, whose request plumbing it reuses: the OrtEngine runs in AsyncEngine's thread
 (streaming, cancellation by closing the stream, stats listeners after every step), tokenization is the export's
@@ -24,16 +25,18 @@ from serve.types import InvalidRequestError
 class OnnxRuntimeBackend(NativeBackend):
     name = "onnxruntime"
 
-    def __init__(self, export_dir: str | Path, *, max_num_seqs: int = 64) -> None:
+    def __init__(self, export_dir: str | Path, *, max_num_seqs: int = 64, runner: str = "batched") -> None:
         super().__init__(config=None)
         self.export_dir = Path(export_dir)
         self.max_num_seqs = max_num_seqs
+        self.runner = runner  # serve/backends/onnxruntime_runners.py: "batched" or "genai"
 
     async def start(self) -> None:
         from serve.backends.onnxruntime_engine import OrtEngine
         from serve.engine.async_engine import AsyncEngine
 
-        self.llm_engine = await asyncio.to_thread(OrtEngine, self.export_dir, max_num_seqs=self.max_num_seqs)
+        self.llm_engine = await asyncio.to_thread(OrtEngine, self.export_dir, max_num_seqs=self.max_num_seqs,
+                                                runner=self.runner)
         self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
         self._async = AsyncEngine(self.llm_engine, on_stats=self._publish_stats)
 

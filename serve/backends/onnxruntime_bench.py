@@ -1,4 +1,6 @@
 """`lmforge bench engine --backend onnxruntime,onnxruntime-int4`: W1 / W2 on the onnxruntime backend's engine.
+`onnxruntime*` use the batched runner (plain onnxruntime, one call per step), `onnxruntime-genai*` one
+onnxruntime-genai Generator per sequence (serve/backends/onnxruntime_runners.py).
 
 The checkpoint is exported once per (weights, precision) into $LMFORGE_HOME/bench/onnx/ with the same export
 (and parity check) as `lmforge export --format onnx`; the engine then runs in-process, with the same prompts and
@@ -11,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-BACKENDS = {"onnxruntime": None, "onnxruntime-int4": "int4"}  # name -> --quantize
+# name -> (--quantize, OrtEngine runner)
+BACKENDS = {"onnxruntime": (None, "batched"), "onnxruntime-int4": ("int4", "batched"),
+            "onnxruntime-genai": (None, "genai"), "onnxruntime-genai-int4": ("int4", "genai")}
 
 
 def export_for_bench(model_path: Path, cache_dir: Path, quantize: str | None) -> Path:
@@ -35,15 +39,16 @@ def run_backend(name: str, model_path: Path, cache_dir: Path, w1: tuple | None, 
     from serve.backends.onnxruntime_engine import OrtEngine
     from serve.bench_engine import native_stream, native_w1
 
-    export = export_for_bench(model_path, cache_dir, BACKENDS[name])
+    quantize, runner = BACKENDS[name]
+    export = export_for_bench(model_path, cache_dir, quantize)
     results = {}
     if w1:
-        engine = OrtEngine(export, max_num_seqs=len(w1[0]))
+        engine = OrtEngine(export, max_num_seqs=len(w1[0]), runner=runner)
         engine.generate([w1[0][0][:8]], None)  # warm-up
         print(f"[bench] {name} W1: {len(w1[0])} requests", flush=True)
         results["w1"] = native_w1(engine, *w1)
     if w2:
-        engine = OrtEngine(export, max_num_seqs=1)
+        engine = OrtEngine(export, max_num_seqs=1, runner=runner)
         engine.generate([w2[0][0][:8]], None)
         print(f"[bench] {name} W2: one stream", flush=True)
         results["w2"] = native_stream(engine, w2[0][0], w2[1], "w2")

@@ -1,18 +1,19 @@
 """OrtEngine: the step loop of lmforge's engine (add_request / step / abort) over an ONNX export, so that
 serve/engine/async_engine.py runs it unchanged (its thread, streaming, cancellation, stats listeners).
 
-Forward passes and KV caches are onnxruntime-genai's: one `og.Generator` per sequence (`append_tokens` runs the
-prefill, then one decode per token). Sampling is ours: each step the last-position logits of every running
-sequence are stacked and go through serve/worker/sampler.py's `sample_batch`, the native engine's sampler, so
-greedy, temperature / top-k / top-p / min-p, penalties, seeds, min_tokens and logprobs mean the same here.
-EOS, stop ids, stop strings and max_tokens are decided here too (the genai model is opened with no EOS id).
+Forward passes and KV caches are a runner's (serve/backends/onnxruntime_runners.py): `batched` (default; plain
+onnxruntime, every running sequence's decode in one call, caches left-padded: continuous batching) or `genai`
+(one onnxruntime-genai Generator per sequence, decoded one after the other). Sampling is ours: each step the
+last-position logits of every running sequence are stacked and go through serve/worker/sampler.py's
+`sample_batch`, the native engine's sampler, so greedy, temperature / top-k / top-p / min-p, penalties, seeds,
+min_tokens and logprobs mean the same here. EOS, stop ids, stop strings and max_tokens are decided here too (the
+genai model is opened with no EOS id).
 
-Not continuous *batching*: onnxruntime-genai 0.18's continuous-batching `og.Engine` feeds a right-padded attention
-mask that only its own model builder's graphs (GroupQueryAttention with per-row sequence lengths) read correctly;
-on this exporter's graph (standard attention, concatenated cache) rows of different lengths decode wrongly after
-their first token (checked by hand on a tiny Llama). So every step runs each sequence's forward separately
-(continuous scheduling: requests join and leave between steps). Not offered: n > 1, prompt logprobs (and so
-scoring), prefix caching, speculative decoding, chunked prefill, preemption (`UNSUPPORTED_FEATURES`).
+Why not onnxruntime-genai's own continuous batching: 0.18's `og.Engine` feeds a right-padded attention mask that
+only its model builder's graphs (GroupQueryAttention with per-row sequence lengths) read correctly; on this
+exporter's graph (standard attention, concatenated cache) rows of different lengths decode wrongly after their
+first token (checked by hand on a tiny Llama). Not offered: n > 1, prompt logprobs (and so scoring), prefix
+caching, speculative decoding, chunked prefill, preemption (`UNSUPPORTED_FEATURES`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve.backends.onnxruntime_runners import make_runner
 from serve.types import (CompletionOutput, EngineStats, FinishedRequestStats, FinishReason, InvalidRequestError,
                          Request, RequestOutput, SamplingParams)
 
@@ -45,7 +47,6 @@ class _Seq:
     request: Request
     detokenizer: Any
     torch_generator: Any = None  # seeded sampling
-    generator: Any = None  # og.Generator, from the first step
     output_ids: list[int] = field(default_factory=list)
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
@@ -54,14 +55,15 @@ class _Seq:
 
 
 class OrtEngine:
-    def __init__(self, export_dir: str | Path, *, max_num_seqs: int = 64) -> None:
+    def __init__(self, export_dir: str | Path, *, max_num_seqs: int = 64, runner: str = "batched") -> None:
         from transformers import AutoTokenizer
 
         from lifecycle.onnx_export.export import load_onnx_export
         from serve.engine.llm_engine import _eos_ids
 
         self.path, self.manifest, self.config = load_onnx_export(export_dir)
-        self.model = open_genai_model(self.path)
+        self.runner_name = runner
+        self.runner = make_runner(runner, self.path, self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
         self.vocab_size = int(self.config["vocab_size"])
         self.max_model_len = int(self.config.get("max_position_embeddings") or 2048)
@@ -118,7 +120,6 @@ class OrtEngine:
     # ------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         import numpy as np
-        import onnxruntime_genai as og
         import torch
 
         from serve.worker import sampler
@@ -128,19 +129,17 @@ class OrtEngine:
         while self._waiting and len(self._running) < self.max_num_seqs:
             seq = min(self._waiting, key=lambda s: (s.request.priority, s.request.arrival_time_s))
             self._waiting.remove(seq)
-            params = og.GeneratorParams(self.model)
-            params.set_search_options(do_sample=False, max_length=seq.request.num_prompt_tokens
-                                      + seq.request.params.max_tokens)
-            seq.generator, seq.first_scheduled_s = og.Generator(self.model, params), now
+            seq.first_scheduled_s = now
             self._running[seq.request.request_id] = seq
             admitted.append(seq)
-        seqs = list(self._running.values())
-        if not seqs:
+        if not self._running:
             return []
-        rows = []
-        for seq in seqs:  # one forward per sequence: its prompt (prefill) or its last token
-            seq.generator.append_tokens(list(seq.request.prompt_token_ids) if seq in admitted else seq.output_ids[-1:])
-            rows.append(np.asarray(seq.generator.get_logits())[0, -1])  # (vocab,)
+        decoding = [s for s in self._running.values() if s.output_ids]
+        rows = [self.runner.prefill(s.request.request_id, s.request.prompt_token_ids,
+                                    s.request.num_prompt_tokens + s.request.params.max_tokens) for s in admitted]
+        if decoding:
+            rows.extend(self.runner.decode([(s.request.request_id, s.output_ids[-1]) for s in decoding]))
+        seqs = admitted + decoding
         logits = torch.from_numpy(np.stack(rows))  # (num_seqs, vocab)
         meta = sampler.SamplingMetadata.from_params(
             [s.request.params for s in seqs], vocab_size=self.vocab_size, device="cpu",
@@ -211,7 +210,7 @@ class OrtEngine:
         rid = seq.request.request_id
         if self._running.pop(rid, None) is None and seq in self._waiting:
             self._waiting.remove(seq)
-        seq.generator = None  # frees its KV cache
+        self.runner.release(rid)  # frees its KV cache
         req = seq.request
         self._finished_stats.append(FinishedRequestStats(
             request_id=rid, finish_reason=reason, num_prompt_tokens=req.num_prompt_tokens,
