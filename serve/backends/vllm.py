@@ -19,7 +19,9 @@ SamplingParams, field by field (ours -> vllm.SamplingParams; serve/backends/vllm
     max_tokens, min_tokens, n,          same (max_tokens is first clipped to the context left, as the
     ignore_eos, stop, stop_token_ids,   native engine: Request.validated_for)
     skip_special_tokens,
-    include_stop_str_in_output
+    include_stop_str_in_output          vLLM leaves the text of a stopping token (EOS, stop_token_ids) out of
+                                        `text` unless include_stop_str_in_output; the native engine keeps
+                                        it, so this backend appends it: the same text from both
     logprobs, prompt_logprobs           same; vLLM returns the raw model distribution (logprobs_mode
                                         "raw_logprobs"), as ours; its rank counts ties as ahead (ours:
                                         only strictly larger) — equal unless two logits tie exactly
@@ -57,7 +59,7 @@ from serve.backends.vllm_config import (VLLMConfig, apply_environment, check_che
 from serve.backends.vllm_params import finish_reason, logprobs_position, sampling_kwargs
 from serve.backends.vllm_stats import StatsBridge
 from serve.scoring import LoglikelihoodQuery, Scorer, ScoreResult, ScoreText
-from serve.types import (CompletionOutput, EngineStats, InvalidRequestError, Logprobs, Request, RequestOutput,
+from serve.types import (CompletionOutput, EngineStats, FinishReason, InvalidRequestError, Request, RequestOutput,
                          SamplingParams)
 
 log = logging.getLogger(__name__)
@@ -191,9 +193,14 @@ class VLLMBackend:
             if params.logprobs is not None and c.logprobs is not None:
                 logprobs = tuple(logprobs_position(t, position, params.logprobs)
                                  for t, position in zip(token_ids, c.logprobs, strict=True))
-            completions.append(CompletionOutput(index=c.index, token_ids=token_ids, text=c.text, logprobs=logprobs,
-                                                finish_reason=finish_reason(c.finish_reason, c.stop_reason),
-                                                stop_reason=c.stop_reason))
+            reason = finish_reason(c.finish_reason, c.stop_reason)
+            text = c.text
+            if reason is FinishReason.STOP and token_ids and not params.include_stop_str_in_output:
+                # vLLM leaves the text of the token that stopped it (EOS or a stop_token_id) out of `text`; the
+                # native engine keeps it (as a special token, EOS is usually skipped by both anyway).
+                text += self._tokenizer.decode([token_ids[-1]], skip_special_tokens=params.skip_special_tokens)
+            completions.append(CompletionOutput(index=c.index, token_ids=token_ids, text=text, logprobs=logprobs,
+                                                finish_reason=reason, stop_reason=c.stop_reason))
         prompt_logprobs = None
         if params.prompt_logprobs is not None and out.prompt_logprobs:
             prompt_logprobs = tuple(None if position is None

@@ -47,7 +47,7 @@ class VLLMConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: Literal["mp", "ray"] | None = None  # None: vLLM's choice (mp on one node)
-    enforce_eager: bool = True  # no torch.compile at start (minutes on a small CPU); False for long-running serving
+    enforce_eager: bool | None = None  # None: True on CPU (torch.compile at start takes minutes there), False on CUDA
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,14 +81,16 @@ class VLLMConfig:
             model=self.model, tokenizer=self.model, trust_remote_code=False, seed=self.seed,
             dtype=self.dtype or ("float32" if on_cpu else "bfloat16"),
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_prefix_caching=self.enable_prefix_caching, enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
+            enforce_eager=on_cpu if self.enforce_eager is None else self.enforce_eager,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes or GIB,
             tensor_parallel_size=self.tensor_parallel_size, pipeline_parallel_size=self.pipeline_parallel_size,
             # Our priorities (lower first, FCFS among equals) are vLLM's "priority" policy; its default "fcfs"
             # refuses any priority but 0.
             scheduling_policy="priority",
-            # Stats on: they feed our lmforge: series (serve/backends/vllm_stats.py).
-            disable_log_stats=False,
+            # No periodic "Avg throughput" log lines; vLLM still computes its stats for the stat logger we pass
+            # (AsyncLLM turns stats on for custom loggers), which feeds our lmforge: series (vllm_stats.py).
+            disable_log_stats=True,
             # Logprobs of the raw model distribution, before penalties and temperature, as our TokenLogprob.
             logprobs_mode="raw_logprobs",
             max_logprobs=20,  # serve/types.py MAX_NUM_LOGPROBS
