@@ -16,7 +16,9 @@ SamplingParams, field by field (ours -> vllm.SamplingParams; serve/backends/vllm
                                         ParentRequest). The random streams differ: same seed, different
                                         tokens across backends (sampled outputs are compared by law, not
                                         token by token)
-    max_tokens, min_tokens, n,          same (max_tokens is first clipped to the context left, as the
+    n                                   same, but n > 1 with greedy sampling is refused (field "n"): vLLM
+                                        will not run identical greedy copies; the native engine does
+    max_tokens, min_tokens,             same (max_tokens is first clipped to the context left, as the
     ignore_eos, stop, stop_token_ids,   native engine: Request.validated_for)
     skip_special_tokens,
     include_stop_str_in_output          vLLM leaves the text of a stopping token (EOS, stop_token_ids) out of
@@ -128,6 +130,7 @@ class VLLMBackend:
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         from vllm import SamplingParams as VllmSamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -148,11 +151,15 @@ class VLLMBackend:
         self._running.add(request_id)
         finished = False
         try:
-            async for out in stream:
-                finished = out.finished
-                yield self._request_output(out, prompt_ids, params, arrival_time)
-                if finished:
-                    return
+            try:
+                async for out in stream:
+                    finished = out.finished
+                    yield self._request_output(out, prompt_ids, params, arrival_time)
+                    if finished:
+                        return
+            except VLLMClientError as err:  # a check of vLLM's that ours lack: still the client's error
+                raise InvalidRequestError(getattr(err, "parameter", None) or "request",
+                                          f"refused by vLLM: {err}") from None
         finally:
             self._running.discard(request_id)
             if not finished and request_id not in self._aborted \

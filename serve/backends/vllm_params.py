@@ -29,6 +29,10 @@ def sampling_kwargs(params: SamplingParams, *, speculative_method: str | None) -
     not per request, so a request that forces it the other way is refused unless forcing cannot change
     anything (one generated token: no draft is ever verified, e.g. the Scorer's requests).
     """
+    if params.is_greedy and params.n > 1:  # vLLM's SamplingParams refuses it ("n must be 1 when using greedy")
+        raise InvalidRequestError("n", f"is {params.n} with greedy sampling (temperature 0), which the vLLM backend "
+                                       "cannot run (vLLM refuses n identical greedy copies): send n=1, or sample "
+                                       "with temperature > 0")
     kwargs: dict[str, Any] = {name: getattr(params, name) for name in SAME_NAME_FIELDS}
     kwargs["top_k"] = 0 if params.top_k is None else params.top_k  # vLLM: 0 (or -1) = off
     kwargs["stop"] = list(params.stop)

@@ -71,3 +71,14 @@ def test_logprobs_position_orders_the_top_and_keeps_the_chosen():
     assert out.chosen.token_id == 9 and out.chosen.rank == 4 and out.chosen.logprob == -3.0
     assert [t.token_id for t in out.top] == [1, 5]
     assert logprobs_position(1, {1: lp(-0.5, 1)}, 0).top == ()
+
+
+def test_greedy_n_copies_are_refused_naming_n():
+    """vLLM refuses n > 1 with greedy sampling; the backend says so in our terms, before vLLM does."""
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError):
+        vllm.SamplingParams(temperature=0.0, n=2)
+    with pytest.raises(InvalidRequestError, match="^n: "):
+        sampling_kwargs(SamplingParams(temperature=0.0, n=2), speculative_method=None)
+    sampling_kwargs(SamplingParams(temperature=0.0, n=1), speculative_method=None)
