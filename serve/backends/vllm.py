@@ -101,7 +101,7 @@ class VLLMBackend:
                 check_head_size(checkpoint.path, checkpoint.config, head_sizes)
         self._tokenizer = await asyncio.to_thread(self.checkpoint.load_tokenizer)
         apply_environment(self.config.engine_environment(on_cpu=on_cpu))
-        self.engine = self._make_engine(self.config.engine_kwargs(on_cpu=on_cpu))
+        self.engine = await asyncio.to_thread(self._make_engine, self.config.engine_kwargs(on_cpu=on_cpu))
         self._bridge.watch(self.engine.output_processor.request_states)
         model_config = self.engine.model_config
         self.vocab_size = model_config.get_vocab_size()
@@ -114,9 +114,9 @@ class VLLMBackend:
                               max_model_len=self.max_model_len)
 
     def _make_engine(self, kwargs: dict[str, Any]) -> Any:
-        """Built on the event loop's thread: vLLM's async client binds its ZMQ sockets and output task to the
-        running loop. This blocks the loop while the EngineCore starts (tens of seconds); the server is not
-        serving yet (health NOT_SERVING), so nothing waits on the loop but the health probe."""
+        """Run in a worker thread: the EngineCore takes tens of seconds to start, and the server's loop must
+        answer health (NOT_SERVING) meanwhile. Built outside a running loop, vLLM's async client starts its
+        output tasks lazily, on the loop of the first request (vllm/v1/engine/core_client.py AsyncMPClient)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
