@@ -98,3 +98,23 @@ def test_head_sizes_vllm_cpu_cannot_run_are_refused():
     check_head_size("/c", {"hidden_size": 64, "num_attention_heads": 2}, sizes)  # 32
     with pytest.raises(ConfigError, match="head size 16 .*--backend native"):
         check_head_size("/c", {"hidden_size": 64, "num_attention_heads": 4}, sizes)
+
+
+def test_start_refuses_a_gptq_checkpoint_here_before_vllm_starts(tmp_path):
+    """The whole start path on a GPTQ checkpoint directory (a plain transformers one: config.json names the
+    format): refused at once, naming the native backend, when this CPU's vLLM build has no 4-bit GEMM."""
+    import asyncio
+
+    from serve.backends.vllm import VLLMBackend
+    from serve.backends.vllm_config import cpu_can_run_gptq
+
+    if cpu_can_run_gptq():
+        pytest.skip("this CPU's vLLM build has the 4-bit GEMM (AVX-512): GPTQ is not refused here")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 2,
+        "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32}}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    backend = VLLMBackend(VLLMConfig(model=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"GPTQ 4-bit .*--backend native"):
+        asyncio.run(backend.start())
+    assert backend.engine is None  # vLLM never started
