@@ -6,16 +6,16 @@ run on this device, naming the backend that can, before vLLM spends a minute sta
 somewhere deep inside its model loader.
 
 Process model: vLLM's AsyncLLM runs in our process (our event loop drives its output handler), and starts
-its EngineCore in a child process (vLLM v1's design, always, for the async engine). The environment
-variables it reads at start (`engine_environment`):
+its EngineCore in a child process (vLLM v1's design, always, for the async engine), which runs the model in a
+worker process of its own (vLLM's multiprocess executor; Ray's across nodes).
 
-- VLLM_ENABLE_V1_MULTIPROCESSING=0 (single device only): the EngineCore runs the model itself (vLLM's
-  UniProcExecutor) instead of spawning a further worker process per device. One child instead of two: less
-  start time and memory, and one fewer process for pytest and Ctrl-C to reap. With tensor/pipeline
-  parallelism vLLM needs its multiprocess (or Ray) executor, so it is left alone then.
-- VLLM_WORKER_MULTIPROC_METHOD=spawn: the server process has threads (gRPC's, our engine loop's) and
-  forking a threaded process can copy a held lock into the child (a hang seen under pytest); a spawned child
-  starts clean. Spawn re-imports the parent's __main__, which `lmforge` and pytest both guard.
+- VLLM_WORKER_MULTIPROC_METHOD=spawn (`engine_environment`): the server process has threads (gRPC's, our
+  engine loop's) and forking a threaded process can copy a held lock into the child; a spawned child starts
+  clean. Spawn re-imports the parent's __main__, which `lmforge` and pytest both guard.
+- VLLM_ENABLE_V1_MULTIPROCESSING is left at vLLM's default (1). Setting it to 0 runs the model inside the
+  EngineCore (vLLM's UniProcExecutor), one process fewer, and it works under pytest; but on CPU vLLM cannot set
+  up its OpenMP threads there (vllm/platforms/cpu.py says so) and decoding was 5-10x slower here (measured:
+  3.2-4.9 vs 21-54 tok/s, one stream, `small`, contended machine). Spawned workers work under pytest too.
 """
 
 from __future__ import annotations
@@ -71,10 +71,6 @@ class VLLMConfig:
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ConfigError(f"--kv-cache-memory-bytes: must be >= 1, got {self.kv_cache_memory_bytes}")
 
-    @property
-    def num_devices(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
     def engine_kwargs(self, *, on_cpu: bool) -> dict[str, Any]:
         """Keyword arguments of vllm.AsyncEngineArgs."""
         kwargs: dict[str, Any] = dict(
@@ -111,10 +107,7 @@ class VLLMConfig:
     def engine_environment(self, *, on_cpu: bool) -> dict[str, str]:
         """Environment variables vLLM reads at start (module docstring); set only where not already set, so a
         user's own choice wins."""
-        env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-        if self.num_devices == 1:
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        return env
+        return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
 def apply_environment(env: dict[str, str]) -> None:

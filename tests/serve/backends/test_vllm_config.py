@@ -21,10 +21,8 @@ def test_parallelism_and_executor_pass_through():
     kwargs = _kwargs(tensor_parallel_size=4, pipeline_parallel_size=2, distributed_executor_backend="ray")
     args = vllm.AsyncEngineArgs(**kwargs)  # vLLM accepts every key we produce
     assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.distributed_executor_backend) == (4, 2, "ray")
-    # multi-device: vLLM's own multiprocess executor, so the single-process shortcut is not set
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in VLLMConfig(model="/c", tensor_parallel_size=2).engine_environment(
-        on_cpu=False)
-    assert VLLMConfig(model="/c").engine_environment(on_cpu=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # spawned workers (a threaded server must not fork); the multiprocess executor stays (its OpenMP setup on CPU)
+    assert VLLMConfig(model="/c").engine_environment(on_cpu=True) == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
 def test_speculative_and_prefix_caching_flags():
