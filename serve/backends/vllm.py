@@ -57,7 +57,7 @@ from typing import Any
 
 from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo
 from serve.backends.vllm_config import (VLLMConfig, apply_environment, check_checkpoint_format, check_head_size,
-                                       cpu_attention_head_sizes)
+                                       cpu_attention_head_sizes, require_vllm)
 from serve.backends.vllm_params import finish_reason, logprobs_position, sampling_kwargs
 from serve.backends.vllm_stats import StatsBridge
 from serve.scoring import LoglikelihoodQuery, Scorer, ScoreResult, ScoreText
@@ -89,6 +89,7 @@ class VLLMBackend:
     async def start(self) -> None:
         from lifecycle.checkpoint import load_checkpoint
 
+        require_vllm()
         self.checkpoint = await asyncio.to_thread(load_checkpoint, self.config.model)  # verifies the sha256s
         on_cpu = await asyncio.to_thread(_platform_is_cpu)
         check_checkpoint_format(self.config.model, self.checkpoint.quantization, on_cpu=on_cpu)

