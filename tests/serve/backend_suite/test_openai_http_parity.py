@@ -29,8 +29,11 @@ def _answers(suite_server) -> dict:
                                                   messages=[{"role": "user", "content": "What does it return?"}]))
     scored = _post(f"{base}/completions", dict(model=model, prompt="import os\nimport sys", max_tokens=1,
                                                temperature=0, echo=True, logprobs=1))
-    return {"text": completion["choices"][0]["text"], "usage": completion["usage"],
-            "chat": chat["choices"][0]["message"]["content"], "chat_usage": chat["usage"],
+    # Prefix-cache hits (usage.prompt_tokens_details.cached_tokens) depend on each engine's KV block size (vLLM's
+    # CPU blocks hold 128 tokens, ours 16), so they are not compared.
+    usage = lambda body: {k: v for k, v in body["usage"].items() if k != "prompt_tokens_details"}  # noqa: E731
+    return {"text": completion["choices"][0]["text"], "usage": usage(completion),
+            "chat": chat["choices"][0]["message"]["content"], "chat_usage": usage(chat),
             "echo_logprobs": scored["choices"][0]["logprobs"]["token_logprobs"]}
 
 
