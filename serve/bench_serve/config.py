@@ -1,9 +1,9 @@
 """BenchServeConfig: the flags of `lmforge bench serve`, and the backends it knows how to start.
 
 A backend here is a pair: how to start a gRPC server on it (a `lmforge serve` command line) and how to run
-the same workload on its engine in-process (the baseline every gRPC number is divided by). Only `native`
-exists now; a later issue adds `vllm` to BACKENDS, and `--backend native,vllm` then runs both, one after the
-other. Any other name is refused naming the flag.
+the same workload on its engine in-process (the baseline every gRPC number is divided by): `native` (lmforge's
+engine) and `vllm` (`lmforge serve --backend vllm`; extra [vllm]). `--backend native,vllm` runs both, one after
+the other, through the same gRPC front end. Any other name is refused naming the flag.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from lifecycle.errors import ConfigError
 
-BACKENDS = ("native",)  # vLLM: a later issue (the server's Backend Protocol already allows it)
+BACKENDS = ("native", "vllm")  # serve.launch.ServeConfig.backend
 DEFAULT_CONCURRENCY = (1, 8, 64, 256)
 
 
@@ -90,6 +90,5 @@ def parse_backends(items: list[str]) -> list[str]:
         raise ConfigError(f"--backend: give at least one of {', '.join(BACKENDS)}")
     unknown = [n for n in dict.fromkeys(names) if n not in BACKENDS]
     if unknown:
-        later = " (vLLM is not wired into the server yet: a later issue adds it)" if "vllm" in unknown else ""
-        raise ConfigError(f"--backend: unknown {unknown}; available: {', '.join(BACKENDS)}{later}")
+        raise ConfigError(f"--backend: unknown {unknown}; available: {', '.join(BACKENDS)}")
     return list(dict.fromkeys(names))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import sys
@@ -13,17 +14,17 @@ from typing import Any
 
 from serve.bench_serve.config import BenchServeConfig
 from serve.bench_serve.load import run_level, summarize_level
-from serve.bench_serve.targets import GrpcStreams, InProcessEngine, ServerProcess, warm_up_prompts
+from serve.bench_serve.targets import GrpcStreams, InProcessBackend, InProcessEngine, ServerProcess, warm_up_prompts
 
 CLIENT_PLACEMENT = ("clients: this process, grpc.aio, one channel per client; server: its own process "
                     "(`python -m serve serve`)")
 
 
-def serve_config_for(cfg: BenchServeConfig, model: Path) -> Any:
+def serve_config_for(cfg: BenchServeConfig, model: Path, backend: str = "native") -> Any:
     """The server's (and the in-process engine's) configuration: limits that admit every client at once."""
     from serve.launch import ServeConfig
 
-    return ServeConfig(model=str(model), host="127.0.0.1", port=0, grace_s=10.0,
+    return ServeConfig(model=str(model), backend=backend, host="127.0.0.1", port=0, grace_s=10.0,
                        max_concurrent_requests=cfg.max_concurrency, max_queue_length=cfg.max_concurrency,
                        max_num_seqs=max(256, cfg.max_concurrency), max_num_batched_tokens=cfg.max_num_batched_tokens,
                        kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
@@ -37,7 +38,7 @@ def level_prompts(cfg: BenchServeConfig, vocab_size: int) -> dict[int, list[list
 
 
 async def measure_levels(cfg: BenchServeConfig, prompts: dict[int, list[list[int]]], streams: GrpcStreams,
-                         server: ServerProcess | None, engine: InProcessEngine | None,
+                         server: ServerProcess | None, engine: InProcessEngine | InProcessBackend | None,
                          bar: Any) -> list[dict[str, Any]]:
     """Level by level, gRPC then in-process back to back: on a shared machine, load that comes and goes
     then weighs on both sides of each ratio alike (running all gRPC levels first would not)."""
@@ -118,9 +119,10 @@ def bench_serve(cfg: BenchServeConfig, cache_dir: Path | None = None) -> dict[st
 
 def _one_backend(cfg: BenchServeConfig, backend: str, serve_cfg: Any, prompts: dict[int, list[list[int]]],
                  token: str | None, out: Path, bar: Any) -> dict[str, Any]:
-    # Only "native" exists (config.BACKENDS); a vLLM backend adds its server flags and in-process engine here.
     result: dict[str, Any] = {}
     server = engine = None
+    if serve_cfg is not None and backend != serve_cfg.backend:
+        serve_cfg = dataclasses.replace(serve_cfg, backend=backend)
     try:
         if cfg.target is None:
             log_path = out.with_name(f"{out.stem}.{backend}.server.log")
@@ -133,17 +135,32 @@ def _one_backend(cfg: BenchServeConfig, backend: str, serve_cfg: Any, prompts: d
             result["server"] = {"address": address, "external": True}
         if cfg.in_process and serve_cfg is not None:
             print(f"[bench] {backend}: loading the in-process engine (the server's engine config)", flush=True)
-            engine = InProcessEngine(serve_cfg.engine_config(), cfg.output_len)
+            # native: its engine behind AsyncEngine, as always; others: the server's own Backend class, in this
+            # process (vLLM's engine binds to the event loop that streams, so it starts inside it).
+            engine = (InProcessEngine(serve_cfg.engine_config(), cfg.output_len) if backend == "native"
+                      else InProcessBackend(serve_cfg.make_backend(), cfg.output_len))
         print(f"[bench] {backend} at {address}: clients {cfg.concurrency}, gRPC"
               + (" then in-process at each" if engine else ""), flush=True)
         streams = GrpcStreams(address, cfg.output_len, token=token, timeout_s=cfg.timeout_s)
-        result["levels"] = asyncio.run(measure_levels(cfg, prompts, streams, server, engine, bar))
+        result["levels"] = asyncio.run(_measure(cfg, prompts, streams, server, engine, bar))
     finally:
-        if engine is not None:
+        if isinstance(engine, InProcessEngine):
             engine.shutdown()
         if server is not None:
             result["server"]["exit_code"] = server.stop()
     return result
+
+
+async def _measure(cfg: BenchServeConfig, prompts: dict[int, list[list[int]]], streams: GrpcStreams,
+                   server: ServerProcess | None, engine: InProcessEngine | InProcessBackend | None,
+                   bar: Any) -> list[dict[str, Any]]:
+    if not isinstance(engine, InProcessBackend):
+        return await measure_levels(cfg, prompts, streams, server, engine, bar)
+    await engine.start()
+    try:
+        return await measure_levels(cfg, prompts, streams, server, engine, bar)
+    finally:
+        await engine.shutdown()
 
 
 def _goals(levels: list[dict[str, Any]]) -> dict[str, Any]:

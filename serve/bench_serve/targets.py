@@ -6,6 +6,7 @@
   server-streaming GenerateStream with token-id prompts.
 - `InProcessEngine`: the engine of the same ServeConfig (its `engine_config()`), behind AsyncEngine in this
   process, streamed by the same load generator: what the server would give with no gRPC in between.
+- `InProcessBackend`: the same for another backend (`--backend vllm`): the server's Backend class in this process.
 """
 
 from __future__ import annotations
@@ -190,6 +191,31 @@ class InProcessEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+class InProcessBackend:
+    """A serve Backend (serve/backends; the class `lmforge serve --backend` builds) in this process; `stream` is a
+    load.StreamFn. `start` and `shutdown` run on the event loop that streams: vLLM's engine binds to it."""
+
+    def __init__(self, backend: Any, output_len: int) -> None:
+        from serve.types import SamplingParams
+
+        self.backend = backend
+        self.params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        self._ids = itertools.count()
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def stream(self, client: int, prompt: list[int]) -> AsyncIterator[tuple[int, int | None]]:
+        async for out in self.backend.generate(f"bench-{next(self._ids)}", prompt, self.params):
+            yield sum(len(c.token_ids) for c in out.outputs), None
+
+    def num_preemptions(self) -> int:
+        return self.backend.stats().num_preemptions_total
+
+    async def shutdown(self) -> None:
+        await self.backend.shutdown()
 
 
 def warm_up_prompts(prompts: Sequence[list[int]]) -> list[list[int]]:

@@ -86,7 +86,7 @@ def test_the_server_is_started_with_the_in_process_engines_config(trained_checkp
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"backend": ["native,vllm"]}, r"--backend: unknown \['vllm'\]; available: native"),
+    ({"backend": ["native,tgi"]}, r"--backend: unknown \['tgi'\]; available: native, vllm"),
     ({"backend": ["tgi"]}, "--backend: unknown"),
     ({"concurrency": [0, 8]}, "--concurrency"),
     ({"output_len": 0}, "--output-len"),
@@ -102,3 +102,20 @@ def test_bad_flags_are_refused_naming_them(kwargs, message):
 
 def test_backend_list_is_parsed_in_order_once():
     assert BenchServeConfig(backend=["native", "native"]).backend == ["native"]
+    assert BenchServeConfig(backend=["vllm,native", "vllm"]).backend == ["vllm", "native"]
+
+
+def test_the_vllm_server_and_in_process_backend_share_one_config(trained_checkpoint):
+    """--backend vllm: the server's flags parse back to the same ServeConfig, so the server's vLLM engine and the
+    in-process one are configured alike."""
+    from lifecycle.config import add_config_arguments, config_from_args
+    from serve.launch import ServeConfig
+
+    cfg = BenchServeConfig(model=str(trained_checkpoint), backend=["native,vllm"], kv_cache_memory_bytes=1 << 26)
+    serve_cfg = serve_config_for(cfg, trained_checkpoint, "vllm")
+    argv = serve_argv(serve_cfg)
+    assert argv[argv.index("--backend") + 1] == "vllm"
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ServeConfig)
+    parsed = config_from_args(ServeConfig, parser.parse_args(argv))
+    assert parsed == serve_cfg and parsed.vllm_config() == serve_cfg.vllm_config()

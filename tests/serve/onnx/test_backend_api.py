@@ -160,7 +160,7 @@ def test_serve_config_checks_the_backend_flag(onnx_fp32):
     from serve.launch import ServeConfig
 
     assert ServeConfig(model=str(onnx_fp32), backend="onnxruntime").backend == "onnxruntime"
-    with pytest.raises(ConfigError, match="--backend: must be one of native, onnxruntime"):
+    with pytest.raises(ConfigError, match="--backend: must be one of native, vllm, onnxruntime"):
         ServeConfig(model=str(onnx_fp32), backend="tensorrt")
     with pytest.raises(ConfigError, match="no speculative decoding"):
         ServeConfig(model=str(onnx_fp32), backend="onnxruntime", ngram=True)
