@@ -2,8 +2,10 @@
 
 Backends are a registry: each entry says how to build an unstarted Backend for a checkpoint, which module it
 needs (its tests skip, saying so, where that is not installed) and how long it may take to start. Adding a
-backend (onnxruntime, ...) is adding one entry to BACKENDS; every test in this folder then runs on it, and the
-cross-backend comparisons include it.
+backend is adding one entry to BACKENDS; every test in this folder then runs on it, and the
+cross-backend comparisons include it. Native, vLLM and onnxruntime (an fp32 ONNX export of the checkpoint) are
+registered; tests of a feature a backend lacks (its ModelInfo.unsupported_features: onnxruntime has no scoring,
+prompt logprobs or n > 1) compare only the backends that offer it (`supporting`).
 
 Each server starts once per session, on first use (vLLM takes tens of seconds to start on this CPU).
 
@@ -49,6 +51,18 @@ def _vllm(checkpoint: Path) -> Any:
     return VLLMBackend(VLLMConfig(model=str(checkpoint), kv_cache_memory_bytes=KV_CACHE_BYTES))
 
 
+def _onnxruntime(checkpoint: Path) -> Any:
+    """An fp32 ONNX export of the checkpoint (its parity with transformers is checked by the export itself)."""
+    from lifecycle.onnx_export.export import OnnxExportConfig, export_onnx
+    from serve.backends.onnxruntime import build_backend
+
+    out = checkpoint.parent / "onnx-fp32"
+    if not (out / "manifest.json").is_file():
+        export_onnx(OnnxExportConfig(checkpoint=str(checkpoint), output=str(out), parity_prompts=2, parity_tokens=16,
+                                     progress=False))
+    return build_backend(out)
+
+
 @dataclass(frozen=True)
 class BackendEntry:
     name: str
@@ -60,6 +74,7 @@ class BackendEntry:
 BACKENDS = (
     BackendEntry("native", _native),
     BackendEntry("vllm", _vllm, requires="vllm", start_timeout_s=600.0),
+    BackendEntry("onnxruntime", _onnxruntime, requires="onnxruntime_genai", start_timeout_s=300.0),
 )
 REFERENCE = BACKENDS[0].name  # what the others are compared with
 
@@ -141,3 +156,15 @@ def all_servers(start_backend) -> dict[str, SuiteServer]:
     if len(servers) < 2:
         pytest.skip(f"cross-backend comparison needs two backends; installed: {list(servers)}")
     return servers
+
+
+def supports(server: SuiteServer, *features: str) -> bool:
+    """Whether the backend offers every feature (ModelInfo.unsupported_features lists what it lacks)."""
+    missing = set(getattr(server.backend.model_info(), "unsupported_features", ()) or ())
+    return not missing.intersection(features)
+
+
+def supporting(servers: dict[str, SuiteServer], *features: str) -> dict[str, SuiteServer]:
+    """The servers whose backends offer the features (a backend that lacks one refuses such requests with
+    INVALID_ARGUMENT naming the field: tests/serve/onnx checks that)."""
+    return {name: s for name, s in servers.items() if supports(s, *features)}

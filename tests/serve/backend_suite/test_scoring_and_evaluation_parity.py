@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import REFERENCE
+from .conftest import REFERENCE, supporting
 
 MC_TASK = ('name: mc\nkind: multiple_choice\ndata: mc.jsonl\nprompt: "Question: {{question}}\\nAnswer:"\n'
            'choices: choices\ngold: "{{gold}}"\n')
@@ -23,7 +23,7 @@ def _evaluate(server):
 
 
 def test_same_evaluation_accuracy(all_servers):
-    results = {name: _evaluate(s) for name, s in all_servers.items()}
+    results = {name: _evaluate(s) for name, s in supporting(all_servers, "scoring").items()}
     ref_result, ref_items = results[REFERENCE]
     assert ref_result.num_items == len(ITEMS)
     for name, (result, items) in results.items():
@@ -36,7 +36,7 @@ def test_same_evaluation_accuracy(all_servers):
 def test_loglikelihood_and_rolling_scores_agree(all_servers):
     text = "def parse(path):\n    with open(path) as f:\n        return f.read()\n" * 40  # longer than the 512-token context: two windows
     got = {}
-    for name, s in all_servers.items():
+    for name, s in supporting(all_servers, "scoring").items():
         with s.client() as client:
             got[name] = client.score(loglikelihood=[("Return the", [" value", " list of names"])], rolling=[text])
     ref = got[REFERENCE]
