@@ -298,6 +298,13 @@ class QuantizedWeights:
         self.format, self.bits = method_of(qconfig, source)
         self.paths: dict[str, int] = {}
 
+    def holds(self, name: str) -> bool:
+        """Whether the checkpoint stores linear `name` quantized (by its format's marker tensor)."""
+        from quant.formats import NF4_STATE_KEY
+
+        marker = {"gptq": "qweight", "int8": "SCB", "nf4": f"weight.{NF4_STATE_KEY}"}[self.format]
+        return f"{name}.{marker}" in self.state
+
     def is_quantized(self, name: str) -> bool:
         return f"{name}.weight" not in self.state or self.state[f"{name}.weight"].dtype in (torch.int8, torch.uint8)
 
