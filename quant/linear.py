@@ -227,7 +227,7 @@ class DequantLinear(QuantLinear):
     def __init__(self, make, shape: tuple[int, int], dtype: torch.dtype, what: str) -> None:
         self.make, self.dtype = make, dtype
         self.out_features, self.in_features = shape
-        self.path = f"dequantize-on-the-fly ({what}: no low-bit kernel on this device)"
+        self.path = f"dequantize-on-the-fly ({what}: no low-bit kernel for it)"
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.make().to(x.dtype))
@@ -275,7 +275,8 @@ def nf4_linear(parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], in
     if lowbit is not None and NF4Linear.supports(parts):
         return NF4Linear(lowbit, parts)
     shape = (sum(p[2][0] for p in parts), parts[0][2][1])
-    return DequantLinear(lambda: torch.cat([P.dequantize_nf4(*p) for p in parts]), shape, dtype, "nf4")
+    why = "nf4" if lowbit is None else f"nf4 blocks of {parts[0][3]} span rows of {shape[1]}"
+    return DequantLinear(lambda: torch.cat([P.dequantize_nf4(*p) for p in parts]), shape, dtype, why)
 
 
 def fuse_grids(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], bits: int,

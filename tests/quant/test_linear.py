@@ -89,3 +89,16 @@ def test_nf4_falls_back_without_kernels(monkeypatch):
     assert isinstance(lin, DequantLinear) and "dequantize-on-the-fly (nf4" in lin.path
     x = torch.randn(3, 128)
     torch.testing.assert_close(lin(x), F.linear(x, P.dequantize_nf4(*parts[0])))
+
+
+def test_nf4_blocks_spanning_rows_fall_back_and_say_why():
+    """The `small` preset's down_proj has K = 1376 = 21.5 x 64: its NF4 blocks cross rows, which the kernel does
+    not handle; the dequantize path must still be exact and name the reason."""
+    w = torch.randn(8, 96)  # 96 = 1.5 blocks of 64
+    parts = [(*P.quantize_nf4(w, 64), tuple(w.shape), 64)]
+    lin = nf4_linear(parts, torch.float32)
+    assert isinstance(lin, DequantLinear)
+    if kernels.load() is not None:
+        assert "nf4 blocks of 64 span rows of 96" in lin.path
+    x = torch.randn(1, 96)
+    torch.testing.assert_close(lin(x), F.linear(x, P.dequantize_nf4(*parts[0])))
