@@ -50,6 +50,10 @@ def add_command(sub: Any) -> None:
     p.add_argument("--no-true-sequential", action="store_true", help="GPTQ: calibrate a block's linears all at once")
     p.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ: damping as a share of mean(diag H)")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ: columns per lazy batch update")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the LM head too, with the same method (default: kept in fp16, as embeddings always are); "
+                        "our engine runs it; transformers loads it for int8/nf4 but not for gptq/rtn (its GPTQ loader "
+                        "quantizes only the decoder blocks)")
     p.add_argument("--no-double-quant", action="store_true", help="nf4: keep absmax in fp32")
     p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity block")
     p.add_argument("--eval-blocks", type=int, default=40, help="perplexity blocks per held-out set")
@@ -78,7 +82,7 @@ def run(args: Any) -> int:
     overrides = dict(num_samples=args.num_samples, seq_len=args.seq_len, sym=not args.asym, act_order=args.act_order,
                      static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
                      damp_percent=args.damp_percent, block_size=args.block_size,
-                     double_quant=not args.no_double_quant, seed=args.seed)
+                     double_quant=not args.no_double_quant, quantize_lm_head=args.quantize_lm_head, seed=args.seed)
     cfgs = [parse_spec(s, **overrides) for s in specs]
     labels = [c.label for c in cfgs]
     if len(set(labels)) != len(labels):

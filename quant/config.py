@@ -30,6 +30,7 @@ class QuantConfig:
     seq_len: int = 512  # tokens per calibration sequence
     double_quant: bool = True  # nf4: quantize the absmax constants too (QLoRA §3)
     nf4_blocksize: int = 64
+    quantize_lm_head: bool = False  # the LM head too (embeddings never); issue: "unquantized unless asked"
     solver: str = "lmforge"  # gptq: our solver (quant/gptq.py) or GPTQModel's ("gptqmodel")
     seed: int = 0
 
@@ -61,6 +62,8 @@ class QuantConfig:
             raise ConfigError(f"--nf4-blocksize: {self.nf4_blocksize}; use 64, 128 or 256")
         if self.solver not in ("lmforge", "gptqmodel"):
             raise ConfigError(f"solver {self.solver!r}: use lmforge or gptqmodel (e.g. gptq:4:128@gptqmodel)")
+        if self.quantize_lm_head and self.solver == "gptqmodel":
+            raise ConfigError("--quantize-lm-head: only with lmforge's solver (drop @gptqmodel)")
         if self.solver == "gptqmodel" and self.method != "gptq":
             raise ConfigError(f"solver gptqmodel quantizes gptq methods only, not {self.method}")
 

@@ -9,7 +9,8 @@
 - bitsandbytes NF4 (`load_in_4bit`, QLoRA): `weight` (N·K/2, 1) uint8 codes, `weight.absmax`,
   `weight.quant_map`, with double quant `weight.nested_absmax` / `nested_quant_map`, and the JSON of the
   rest in `weight.quant_state.bitsandbytes__nf4`.
-Tensors that are not quantized (embeddings, norms, LM head) are stored in fp16, as GPTQ releases are.
+Tensors that are not quantized (embeddings, norms, and the LM head unless --quantize-lm-head) are stored in fp16,
+as GPTQ releases are.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def quantization_config(cfg: QuantConfig) -> dict[str, Any]:
         return {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size or -1,
                 "desc_act": cfg.act_order, "sym": cfg.sym, "static_groups": cfg.static_groups,
                 "true_sequential": cfg.true_sequential, "damp_percent": cfg.damp_percent,
-                "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
+                "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": cfg.quantize_lm_head,
                 "meta": {"quantizer": [f"lmforge:{_lmforge_version()}"], "method": cfg.method}}
-    common = {"quant_method": "bitsandbytes", "llm_int8_skip_modules": ["lm_head"]}
+    common = {"quant_method": "bitsandbytes", "llm_int8_skip_modules": [] if cfg.quantize_lm_head else ["lm_head"]}
     if cfg.method == "int8":
         return {**common, "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": 6.0}
     return {**common, "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
@@ -115,7 +116,7 @@ def write_quantized(out_dir: str | Path, parent: Checkpoint, model, cfg: QuantCo
     form of every quantized linear) atomically; the manifest records cfg and the parent."""
     from quant.sequential import linear_names
 
-    names = linear_names(model)
+    names = linear_names(model, lm_head=cfg.quantize_lm_head)
     full = {k: v.detach() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         full.pop("lm_head.weight", None)  # transformers re-ties it on load

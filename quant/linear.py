@@ -10,7 +10,9 @@ Kernels on CPU (torch 2.13):
 - `Int8Linear`: `torch._weight_int8pack_mm` — int8 weights, one fp scale per output channel
   (symmetric). An asymmetric per-channel grid adds one rank-1 correction:
   x · ((q - z) s)ᵀ = s ⊙ (x · (q - 128)ᵀ) - rowsum(x) · ((z - 128) s).
-- `DequantLinear`: everything else (NF4, 8-bit groups, shapes the kernels refuse): the compact form is
+- `LowbitLinear` / `NF4Linear`: our AVX2 kernels (quant/kernels/lowbit.c) for the few rows of decode: 4-bit
+  groups, 8-bit per channel, and NF4 blocks (table lookup in registers).
+- `DequantLinear`: everything else (8-bit groups, shapes the kernels refuse, no C compiler): the compact form is
   kept and dequantized at every call ("dequantize-on-the-fly"), the fallback the engine reports.
 """
 
@@ -172,13 +174,60 @@ class LowbitLinear(QuantLinear):
         return self(x)
 
 
+class NF4Linear(QuantLinear):
+    """NF4 (bitsandbytes) weights on our C kernel for decode (<= 8 rows); more rows dequantize once and use torch's
+    GEMM. The codes are repacked at load into the q4 kernel's run layout; blocks must lie within rows."""
+
+    def __init__(self, kernels, parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]]) -> None:
+        """parts: (packed (n*k/2, 1) uint8, absmax (n*k/block,) fp32, shape (n, k), block) of linears with the same
+        k and block, stacked along the output dimension."""
+        self.kernels = kernels
+        self.block = parts[0][3]
+        self.in_features = K = parts[0][2][1]
+        codes = torch.cat([_nf4_codes(p[0], p[2]) for p in parts])  # (N, K)
+        N = self.out_features = codes.shape[0]
+        runs = codes.view(N, K // 32, 2, 16)
+        self.qw = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(N, K // 2).contiguous()  # (N, K / 2)
+        self.absmax = torch.cat([p[1].float().view(p[2][0], K // self.block) for p in parts]).contiguous()  # (N, K/bs)
+        self.table = P.NF4_TABLE.float().contiguous()
+        self.path = "nf4 weight-only GEMV (lmforge lowbit kernel; dequantize + torch GEMM above 8 rows)"
+
+    @staticmethod
+    def supports(parts) -> bool:
+        k, block = parts[0][2][1], parts[0][3]
+        return all(p[2][1] == k and p[3] == block for p in parts) and k % 32 == 0 and k % block == 0 \
+            and block % 32 == 0
+
+    def dequantize(self) -> torch.Tensor:
+        lo, hi = (self.qw & 0xF).view(self.out_features, -1, 16), (self.qw >> 4).view(self.out_features, -1, 16)
+        codes = torch.stack([lo, hi], dim=2).reshape(self.out_features, self.in_features).long()  # (N, K)
+        return (self.table[codes].view(self.out_features, -1, self.block) * self.absmax[:, :, None]).view(
+            self.out_features, self.in_features)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        from quant.kernels import MAX_M
+
+        if x.shape[0] > MAX_M or x.dtype != torch.float32:
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        return self.kernels.nf4_linear(x.contiguous(), self.qw, self.absmax, self.table, self.block, bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+
+def _nf4_codes(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """bitsandbytes' packing (first code of a pair in the high nibble) -> (n, k) uint8 codes."""
+    p = packed.reshape(-1)
+    return torch.stack([p >> 4, p & 0xF], dim=1).reshape(shape)
+
+
 class DequantLinear(QuantLinear):
     """Compact storage, dequantized at each call. `make` rebuilds the (N, K) weight."""
 
     def __init__(self, make, shape: tuple[int, int], dtype: torch.dtype, what: str) -> None:
         self.make, self.dtype = make, dtype
         self.out_features, self.in_features = shape
-        self.path = f"dequantize-on-the-fly ({what}: no low-bit kernel on this device)"
+        self.path = f"dequantize-on-the-fly ({what}: no low-bit kernel for it)"
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.make().to(x.dtype))
@@ -218,6 +267,18 @@ def grid_linear(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_id
     return DequantLinear(lambda: P.dequantize_groups(codes, s, z, g), tuple(q.shape), dtype, why)
 
 
+def nf4_linear(parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]], dtype: torch.dtype) -> QuantLinear:
+    """NF4 linears reading the same input, stacked: our kernel where it fits, else dequantize-on-the-fly."""
+    from quant import kernels
+
+    lowbit = kernels.load() if dtype == torch.float32 else None
+    if lowbit is not None and NF4Linear.supports(parts):
+        return NF4Linear(lowbit, parts)
+    shape = (sum(p[2][0] for p in parts), parts[0][2][1])
+    why = "nf4" if lowbit is None else f"nf4 blocks of {parts[0][3]} span rows of {shape[1]}"
+    return DequantLinear(lambda: torch.cat([P.dequantize_nf4(*p) for p in parts]), shape, dtype, why)
+
+
 def fuse_grids(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], bits: int,
                dtype: torch.dtype) -> QuantLinear:
     """Stack linears that read the same input (q/k/v, gate/up) along the output dimension into one."""
@@ -238,6 +299,13 @@ class QuantizedWeights:
         self.format, self.bits = method_of(qconfig, source)
         self.paths: dict[str, int] = {}
 
+    def holds(self, name: str) -> bool:
+        """Whether the checkpoint stores linear `name` quantized (by its format's marker tensor)."""
+        from quant.formats import NF4_STATE_KEY
+
+        marker = {"gptq": "qweight", "int8": "SCB", "nf4": f"weight.{NF4_STATE_KEY}"}[self.format]
+        return f"{name}.{marker}" in self.state
+
     def is_quantized(self, name: str) -> bool:
         return f"{name}.weight" not in self.state or self.state[f"{name}.weight"].dtype in (torch.int8, torch.uint8)
 
@@ -254,8 +322,7 @@ class QuantizedWeights:
                               torch.zeros(q.shape[1], dtype=torch.long), 8, self.dtype)
         else:
             parts = [formats.read_nf4_codes(self.state, n, self.source) for n in names]  # (packed, absmax, shape, bs)
-            shape = (sum(p[2][0] for p in parts), parts[0][2][1])
-            mod = DequantLinear(lambda: torch.cat([P.dequantize_nf4(*p) for p in parts]), shape, self.dtype, "nf4")
+            mod = nf4_linear(parts, self.dtype)
         self.paths[mod.path] = self.paths.get(mod.path, 0) + 1
         return mod
 

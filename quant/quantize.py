@@ -49,6 +49,13 @@ def check_shapes(ckpt: Checkpoint, cfg: QuantConfig) -> None:
         if cfg.method in ("gptq", "rtn") and dim % 32:
             raise ConfigError(f"{ckpt.path / 'config.json'}: {field} {dim} is not a multiple of 32, which the GPTQ "
                               "format's int32 packing needs")
+    if cfg.quantize_lm_head:
+        if c.get("tie_word_embeddings"):
+            raise ConfigError(f"--quantize-lm-head: {ckpt.path / 'config.json'} ties the LM head to the embeddings "
+                              "(tie_word_embeddings), which stay unquantized; drop the flag for this model")
+        if c["vocab_size"] % 32:
+            raise ConfigError(f"--quantize-lm-head: vocab_size {c['vocab_size']} in {ckpt.path / 'config.json'} is "
+                              "not a multiple of 32, which the packed formats need for the LM head's rows")
     if cfg.method == "nf4":
         for dim, field in ((c["hidden_size"], "hidden_size"), (c["intermediate_size"], "intermediate_size")):
             if dim % cfg.nf4_blocksize and (dim * c["hidden_size"]) % cfg.nf4_blocksize:

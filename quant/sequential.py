@@ -27,9 +27,11 @@ class _StopForward(Exception):
     pass
 
 
-def linear_names(model) -> list[str]:
-    """Full names of the linears that are quantized (embeddings and LM head never are)."""
-    return [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in LINEARS]
+def linear_names(model, lm_head: bool = False) -> list[str]:
+    """Full names of the linears that are quantized: the decoder layers' (embeddings never; the LM head only when
+    asked, `--quantize-lm-head`)."""
+    names = [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in LINEARS]
+    return names + ["lm_head"] if lm_head else names
 
 
 @torch.no_grad()
@@ -82,6 +84,11 @@ def quantize_model(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = Non
                                  min_zero=min_zero)
                 mod.weight.data = res.dequantize().to(mod.weight.dtype)
                 results[f"model.layers.{i}.{n}"] = res
+        if cfg.quantize_lm_head:
+            w = model.lm_head.weight
+            res = rtn_result(w.data, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, min_zero=min_zero)
+            w.data = res.dequantize().to(w.dtype)
+            results["lm_head"] = res
         return results
     if cfg.method != "gptq":
         raise ValueError(f"quantize_model handles gptq and rtn, not {cfg.method}")
@@ -115,4 +122,17 @@ def quantize_model(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = Non
                 mod.weight.data = res.dequantize().to(mod.weight.dtype)
                 results[f"model.layers.{i}.{n}"] = res
         inputs = _run_layer(layer, inputs, kwargs_list)  # what the next block sees, after quantization
+    if cfg.quantize_lm_head:  # its input: the final norm of what the (quantized) last block outputs
+        head = model.lm_head
+        H = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
+        count = 0
+        for x in inputs:
+            h = model.model.norm(x).reshape(-1, head.in_features).double()  # (tokens, hidden)
+            H += h.t() @ h
+            count += h.shape[0]
+        res = gptq_quantize(head.weight.data, (2 * H / count).float(), bits=cfg.bits, group_size=cfg.group_size,
+                            sym=cfg.sym, act_order=cfg.act_order, static_groups=cfg.static_groups,
+                            damp_percent=cfg.damp_percent, block_size=cfg.block_size, min_zero=min_zero)
+        head.weight.data = res.dequantize().to(head.weight.dtype)
+        results["lm_head"] = res
     return results

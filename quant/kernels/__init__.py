@@ -1,4 +1,4 @@
-"""quant's CPU kernels (`lowbit.c`): 4-bit and 8-bit weight-only linears for the few rows of decode.
+"""quant's CPU kernels (`lowbit.c`): 4-bit, 8-bit and NF4 weight-only linears for the few rows of decode.
 
 Built on first use with the system C compiler and loaded with ctypes, as serve/worker/kernels (same reasons:
 no torch headers, about a second to compile, OpenMP shares torch's libgomp). Cached under
@@ -34,6 +34,8 @@ class LowbitKernels:
         self._q4.restype, self._q4.argtypes = None, [_ptr] * 6 + [_i64] * 4 + [_int]
         self._q8 = lib.lmfq_q8_linear_f32
         self._q8.restype, self._q8.argtypes = None, [_ptr] * 6 + [_i64] * 3 + [_int]
+        self._nf4 = lib.lmfq_nf4_linear_f32
+        self._nf4.restype, self._nf4.argtypes = None, [_ptr] * 6 + [_i64] * 4 + [_int]
 
     def q4_linear(self, x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                   group: int, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,6 +64,24 @@ class LowbitKernels:
         out = torch.empty(m, n, dtype=torch.float32)
         self._q8(x.data_ptr(), qw.data_ptr(), scale.data_ptr(), corr.data_ptr() if corr is not None else None,
                  bias.data_ptr() if bias is not None else None, out.data_ptr(), m, n, k, torch.get_num_threads())
+        return out
+
+
+    def nf4_linear(self, x: torch.Tensor, qw: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (m <= MAX_M, k) fp32; qw (n, k / 2) uint8 NF4 codes in the q4 run layout; absmax (n, k / block) fp32;
+        table (16,) fp32 -> (m, n)."""
+        m, k = x.shape
+        n = qw.shape[0]
+        if not (m <= MAX_M and x.dtype == torch.float32 and x.is_contiguous() and qw.shape[1] * 2 == k
+                and qw.dtype == torch.uint8 and qw.is_contiguous() and block % 32 == 0 and k % block == 0
+                and absmax.shape == (n, k // block) and absmax.dtype == torch.float32 and absmax.is_contiguous()
+                and table.shape == (16,) and table.dtype == torch.float32 and table.is_contiguous()
+                and (bias is None or bias.is_contiguous())):
+            raise ValueError("nf4_linear: bad shapes or dtypes")
+        out = torch.empty(m, n, dtype=torch.float32)
+        self._nf4(x.data_ptr(), qw.data_ptr(), absmax.data_ptr(), table.data_ptr(),
+                  bias.data_ptr() if bias is not None else None, out.data_ptr(), m, n, k, block, torch.get_num_threads())
         return out
 
 

@@ -23,6 +23,30 @@ static inline float hsum(__m256 v) {
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
   return _mm_cvtss_f32(lo);
 }
+
+/* One row of a q4 matrix against one x (m == 1): per run of 32 columns the 16 bytes are read as two 8-byte halves
+ * (no cross-lane shuffles), the four products go to four accumulators, and each group's sum is scaled into a
+ * row accumulator with one FMA; one horizontal sum per row (not per group). */
+static inline float q4_row_dot(const float* x, const uint8_t* row, const float* scale, const float* offset,
+                               const float* xsum, int64_t k, int64_t group) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  __m256 total = _mm256_setzero_ps();
+  float off = 0.f;
+  for (int64_t g = 0, c0 = 0; c0 < k; ++g, c0 += group) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t c = c0; c < c0 + group; c += 32) {
+      const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2)));      /* bytes 0-7 */
+      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2 + 8)));  /* bytes 8-15 */
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)), _mm256_loadu_ps(x + c), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)), _mm256_loadu_ps(x + c + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(x + c + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(x + c + 24), a3);
+    }
+    total = _mm256_fmadd_ps(_mm256_set1_ps(scale[g]), _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), total);
+    off += offset[g] * xsum[g];
+  }
+  return hsum(total) + off;
+}
 #endif
 
 #define MAX_M 8
@@ -43,24 +67,16 @@ void lmfq_q4_linear_f32(const float* x, const uint8_t* qw, const float* scale, c
     const uint8_t* row = qw + j * (k / 2);
     float total[MAX_M];
     for (int64_t i = 0; i < m; ++i) total[i] = bias ? bias[j] : 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (m == 1) {  /* decode of one sequence: q4_row_dot keeps the whole row in vector registers */
+      out[j] = total[0] + q4_row_dot(x, row, scale + j * num_groups, offset + j * num_groups, xsum, k, group);
+      continue;
+    }
+#endif
     for (int64_t g = 0; g < num_groups; ++g) {
       float dots[MAX_M];
 #if defined(__AVX2__) && defined(__FMA__)
       const __m128i mask = _mm_set1_epi8(0x0F);
-      if (m == 1) {  /* decode of one sequence: four independent accumulators kept in registers */
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
-          const __m128i bytes = _mm_loadu_si128((const __m128i*)(row + c / 2));
-          const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-          a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x + c), a0);
-          a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + c + 8), a1);
-          a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + c + 16), a2);
-          a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + c + 24), a3);
-        }
-        const float s = scale[j * num_groups + g], o = offset[j * num_groups + g];
-        total[0] += s * hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + o * xsum[g];
-        continue;
-      }
       __m256 acc[MAX_M];
       for (int64_t i = 0; i < m; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
@@ -113,12 +129,11 @@ void lmfq_q8_linear_f32(const float* x, const int8_t* qw, const float* scale, co
     if (m == 1) {  /* one sequence: independent accumulators in registers */
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
       for (; c + 32 <= k; c += 32) {
-        const __m128i b0 = _mm_loadu_si128((const __m128i*)(row + c));
-        const __m128i b1 = _mm_loadu_si128((const __m128i*)(row + c + 16));
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0)), _mm256_loadu_ps(x + c), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8))), _mm256_loadu_ps(x + c + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1)), _mm256_loadu_ps(x + c + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8))), _mm256_loadu_ps(x + c + 24), a3);
+        /* 8-byte loads widened in place: no cross-lane shuffle per 8 weights */
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + c)))), _mm256_loadu_ps(x + c), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + c + 8)))), _mm256_loadu_ps(x + c + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + c + 16)))), _mm256_loadu_ps(x + c + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + c + 24)))), _mm256_loadu_ps(x + c + 24), a3);
       }
       float d = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       for (; c < k; ++c) d += (float)row[c] * x[c];
@@ -144,5 +159,68 @@ void lmfq_q8_linear_f32(const float* x, const int8_t* qw, const float* scale, co
       for (int64_t i = 0; i < m; ++i) dots[i] += (float)row[c] * x[i * k + c];
     for (int64_t i = 0; i < m; ++i)
       out[i * n + j] = scale[j] * dots[i] - (corr ? corr[j] * xsum[i] : 0.f) + (bias ? bias[j] : 0.f);
+  }
+}
+
+/* NF4 (bitsandbytes 4-bit NormalFloat): W[j, c] = table[q] * absmax[j, b] for blocks b of `block` columns (blocks lie
+ * within a row when k % block == 0). The codes use the q4 run layout above (repacked at load). The 16-entry table
+ * is looked up in registers: two 8-wide permutes (low 3 bits of the code) and a blend on bit 3. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 nf4_lookup(__m256i idx, __m256 tlo, __m256 thi) {
+  const __m256 lo = _mm256_permutevar8x32_ps(tlo, idx), hi = _mm256_permutevar8x32_ps(thi, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+#endif
+
+void lmfq_nf4_linear_f32(const float* x, const uint8_t* qw, const float* absmax, const float* table,
+                         const float* bias, float* out, int64_t m, int64_t n, int64_t k, int64_t block,
+                         int num_threads) {
+  const int64_t num_blocks = k / block;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* row = qw + j * (k / 2);
+    const float* amax = absmax + j * num_blocks;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    __m256 acc[MAX_M];
+    for (int64_t i = 0; i < m; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0, c0 = 0; c0 < k; ++b, c0 += block) {
+      __m256 part[MAX_M];
+      for (int64_t i = 0; i < m; ++i) part[i] = _mm256_setzero_ps();
+      for (int64_t c = c0; c < c0 + block; c += 32) {
+        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2)));
+        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2 + 8)));
+        const __m256 w0 = nf4_lookup(_mm256_and_si256(b0, mask), tlo, thi);
+        const __m256 w1 = nf4_lookup(_mm256_and_si256(b1, mask), tlo, thi);
+        const __m256 w2 = nf4_lookup(_mm256_srli_epi32(b0, 4), tlo, thi);
+        const __m256 w3 = nf4_lookup(_mm256_srli_epi32(b1, 4), tlo, thi);
+        for (int64_t i = 0; i < m; ++i) {
+          const float* xp = x + i * k + c;
+          part[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), part[i]);
+          part[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), part[i]);
+          part[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), part[i]);
+          part[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), part[i]);
+        }
+      }
+      const __m256 s = _mm256_set1_ps(amax[b]);
+      for (int64_t i = 0; i < m; ++i) acc[i] = _mm256_fmadd_ps(s, part[i], acc[i]);
+    }
+    for (int64_t i = 0; i < m; ++i) out[i * n + j] = hsum(acc[i]) + (bias ? bias[j] : 0.f);
+#else
+    for (int64_t i = 0; i < m; ++i) {
+      float total = 0.f;
+      for (int64_t b = 0, c0 = 0; c0 < k; ++b, c0 += block) {
+        float d = 0.f;
+        for (int64_t c = c0; c < c0 + block; c += 32)
+          for (int64_t t = 0; t < 16; ++t) {
+            const uint8_t byte = row[c / 2 + t];
+            d += table[byte & 0x0F] * x[i * k + c + t] + table[byte >> 4] * x[i * k + c + t + 16];
+          }
+        total += amax[b] * d;
+      }
+      out[i * n + j] = total + (bias ? bias[j] : 0.f);
+    }
+#endif
   }
 }

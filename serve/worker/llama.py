@@ -121,7 +121,10 @@ class LlamaDecoder:
             return state[name].to(device=device, dtype=dtype)
 
         self.embed = take("model.embed_tokens.weight")  # (vocab, hidden)
-        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else take("lm_head.weight")
+        if quant is not None and quant.holds("lm_head"):  # `lmforge quantize --quantize-lm-head`
+            self.lm_head = quant.linear(["lm_head"])
+        else:
+            self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else take("lm_head.weight")
         self.final_norm = take("model.norm.weight")
 
         def linear(prefix: str, names: list[str]):

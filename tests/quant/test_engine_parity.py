@@ -3,6 +3,8 @@ transformers' on the same checkpoint (fp32 math on the dequantized weights, and 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -17,7 +19,11 @@ CASES = [("gptq:4:32", dict(act_order=True, sym=False), "int4"),
          ("gptq:8:channel", dict(sym=False), "int8"),  # asymmetric: the rank-1 zero correction
          ("gptq:8:32", {}, "dequantize-on-the-fly"),  # no grouped int8 kernel
          ("int8", {}, "int8"),
-         ("nf4", {}, "dequantize-on-the-fly")]
+         ("nf4", {}, "nf4 weight-only GEMV"),
+         # --quantize-lm-head: the engine must run the quantized head, not fall back to the embeddings
+         ("gptq:4:32", dict(quantize_lm_head=True), "int4"),
+         ("int8", dict(quantize_lm_head=True), "int8"),
+         ("nf4", dict(quantize_lm_head=True), "nf4")]
 
 
 def _engine_greedy(path, tokenizer, use_cpu_kernels=True):
@@ -41,7 +47,8 @@ def _hf_greedy(model, tokenizer):
     return res
 
 
-@pytest.mark.parametrize("spec,overrides,path_name", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("spec,overrides,path_name", CASES,
+                         ids=[c[0] + ("+lm_head" if c[1].get("quantize_lm_head") else "") for c in CASES])
 def test_engine_greedy_equals_transformers_on_dequantized_weights(spec, overrides, path_name, quantized,
                                                                   tiny_checkpoint):
     from transformers import AutoTokenizer
@@ -49,7 +56,11 @@ def test_engine_greedy_equals_transformers_on_dequantized_weights(spec, override
     path = quantized(spec, **overrides)
     tok = AutoTokenizer.from_pretrained(path)
     engine, outs = _engine_greedy(path, tok)
-    assert path_name in engine.runner.model.kernel_path
+    kernel_path = engine.runner.model.kernel_path
+    assert path_name in kernel_path
+    # 2 layers x (qkv, o, gate_up, down) fused linears, plus the LM head when it is quantized
+    counts = re.findall(r" x(\d+)(?=; |$)", kernel_path)  # "<path> x<count>; <path> x<count>"
+    assert sum(map(int, counts)) == 8 + bool(overrides.get("quantize_lm_head"))
     ref = _hf_greedy(load_dequantized(tiny_checkpoint, path), tok)
     for out, (tokens, lps) in zip(outs, ref):
         assert list(out.outputs[0].token_ids) == tokens

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from quant import kernels, primitives as P
-from quant.linear import DequantLinear, Int4Linear, Int8Linear, LowbitLinear, grid_linear
+from quant.linear import DequantLinear, Int4Linear, Int8Linear, LowbitLinear, NF4Linear, grid_linear, nf4_linear
 
 
 def _grid(bits, group, sym, n=48, k=128, act_order=False, seed=0):
@@ -61,3 +61,44 @@ def test_fallback_when_no_kernel_fits(monkeypatch):
     x = torch.randn(2, 128)
     torch.testing.assert_close(lin(x), F.linear(x, P.dequantize_groups(q, s, z, g)))
     assert isinstance(grid_linear(*_grid(4, 32, sym=True), 4, torch.float32), Int4Linear)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 20])
+@pytest.mark.parametrize("block", [64, 128])
+def test_nf4_kernel_matches_dequantized_linear(rows, block):
+    """Two NF4 linears stacked (as q/k/v are): the kernel equals F.linear on bitsandbytes-layout dequantization."""
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip(f"no C kernels here: {kernels.status()}")
+    torch.manual_seed(1)
+    ws = [torch.randn(48, 256), torch.randn(16, 256) * 3]
+    parts = [(*P.quantize_nf4(w, block), tuple(w.shape), block) for w in ws]
+    ref_w = torch.cat([P.dequantize_nf4(*p) for p in parts])  # (64, 256)
+    lin = nf4_linear(parts, torch.float32)
+    assert isinstance(lin, NF4Linear) and "nf4 weight-only GEMV" in lin.path
+    torch.testing.assert_close(lin.dequantize(), ref_w)
+    x, bias = torch.randn(rows, 256), torch.randn(64)
+    torch.testing.assert_close(lin(x, bias), F.linear(x, ref_w, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_nf4_falls_back_without_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    w = torch.randn(32, 128)
+    parts = [(*P.quantize_nf4(w, 64), tuple(w.shape), 64)]
+    lin = nf4_linear(parts, torch.float32)
+    assert isinstance(lin, DequantLinear) and "dequantize-on-the-fly (nf4" in lin.path
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(lin(x), F.linear(x, P.dequantize_nf4(*parts[0])))
+
+
+def test_nf4_blocks_spanning_rows_fall_back_and_say_why():
+    """The `small` preset's down_proj has K = 1376 = 21.5 x 64: its NF4 blocks cross rows, which the kernel does
+    not handle; the dequantize path must still be exact and name the reason."""
+    w = torch.randn(8, 96)  # 96 = 1.5 blocks of 64
+    parts = [(*P.quantize_nf4(w, 64), tuple(w.shape), 64)]
+    lin = nf4_linear(parts, torch.float32)
+    assert isinstance(lin, DequantLinear)
+    if kernels.load() is not None:
+        assert "nf4 blocks of 64 span rows of 96" in lin.path
+    x = torch.randn(1, 96)
+    torch.testing.assert_close(lin(x), F.linear(x, P.dequantize_nf4(*parts[0])))

@@ -1,0 +1,104 @@
+"""Decode speed of a checkpoint and its quantized children in our engine, measured in CPU time.
+
+Wall-clock tokens/s on a shared machine measures the neighbours as much as the code. The CPU time a
+single-threaded process spends is close to what it would take alone, so here every engine runs with
+torch.set_num_threads(1) and each decode is timed with time.process_time. All models are loaded in one
+process and measured in interleaved rounds (A B C, A B C, ...), so slow drift of the machine (caches,
+frequency) hits each the same; the median round per model is reported, and each speed as a ratio to the first
+(the fp32 parent). The greedy tokens of every round are kept so a broken kernel shows as a changed output.
+
+    python -m quant.cpu_time_bench runs/base/final runs/base/quant/gptq-4-128 runs/base/quant/int8 --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from lifecycle.errors import ConfigError
+
+
+def _engine(path: str):
+    from serve.engine.llm_engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(model=path, device="cpu", dtype="float32", enable_prefix_caching=False,
+                                  kv_cache_memory_bytes=256 << 20))
+
+
+def decode_cpu_time(engine, prompt: list[int], num_tokens: int, request_id: str) -> tuple[float, list[int]]:
+    """CPU seconds of this process between the first and the last of `num_tokens` greedy tokens (decode only:
+    the prefill step that produces the first token is not counted), and the tokens."""
+    from serve.types import SamplingParams
+
+    engine.add_request(request_id, prompt, SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True))
+    tokens: list[int] = []
+    start = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += [t for c in out.outputs for t in c.token_ids]
+        if start is None and tokens:
+            start = time.process_time()
+    assert start is not None
+    return time.process_time() - start, tokens
+
+
+def bench(paths: list[str], *, prompt: list[int], num_tokens: int, rounds: int, threads: int = 1) -> dict[str, Any]:
+    import torch
+
+    if num_tokens < 2 or rounds < 1:
+        raise ConfigError("--tokens must be >= 2 and --rounds >= 1")
+    torch.set_num_threads(threads)
+    engines = {p: _engine(p) for p in paths}
+    for p, eng in engines.items():  # warm-up: kernel builds, allocator, first-call paths
+        decode_cpu_time(eng, prompt, 4, "warmup")
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    outputs: dict[str, list[list[int]]] = {p: [] for p in paths}
+    for r in range(rounds):
+        for p, eng in engines.items():
+            seconds, tokens = decode_cpu_time(eng, prompt, num_tokens, f"r{r}")
+            times[p].append(seconds)
+            outputs[p].append(tokens)
+    first = paths[0]
+    base_tps = (num_tokens - 1) / statistics.median(times[first])
+    rows = []
+    for p in paths:
+        med = statistics.median(times[p])
+        tps = (num_tokens - 1) / med
+        rows.append({"model": p, "engine_path": engines[p].runner.model.kernel_path,
+                     "cpu_s_per_token": med / (num_tokens - 1), "tokens_per_cpu_s": tps,
+                     "vs_first": tps / base_tps, "rounds_cpu_s": times[p],
+                     "same_tokens_every_round": all(o == outputs[p][0] for o in outputs[p]),
+                     "tokens_equal_first_model": outputs[p][0] == outputs[first][0]})
+    return {"threads": threads, "num_tokens": num_tokens, "rounds": rounds, "prompt_len": len(prompt), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m quant.cpu_time_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+", help="checkpoints; the first is the reference (the fp32 parent)")
+    ap.add_argument("--tokens", type=int, default=64, help="greedy tokens decoded per round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model (the median is reported)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time ~ time alone)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (fixed ids, the same for all)")
+    ap.add_argument("--output", default=None, help="also write the result as JSON here")
+    args = ap.parse_args(argv)
+    for m in args.models:
+        if not (Path(m) / "config.json").is_file():
+            raise SystemExit(f"error: {m}: not a checkpoint directory (no config.json)")
+    prompt = [(7 * i + 3) % 200 + 10 for i in range(args.prompt_len)]
+    result = bench(args.models, prompt=prompt, num_tokens=args.tokens, rounds=args.rounds, threads=args.threads)
+    for row in result["rows"]:
+        print(f"{row['tokens_per_cpu_s']:8.2f} tok/CPU-s  {row['vs_first']:.2f}x  "
+              f"tokens==first: {row['tokens_equal_first_model']}  {row['model']}\n          {row['engine_path']}")
+    if args.output:
+        from quant.report import atomic_write
+
+        atomic_write(Path(args.output), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
