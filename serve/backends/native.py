@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from serve.backends import tokenizing
 from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo
 from serve.scoring import LoglikelihoodQuery, Scorer, ScoreResult, ScoreText
-from serve.types import EngineStats, InvalidRequestError, Logprobs, RequestOutput, SamplingParams, TokenLogprob
+from serve.types import EngineStats, Logprobs, RequestOutput, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +88,14 @@ class NativeBackend:
 
     # ------------------------------------------------------------------------------ tokenizer
     def tokenize(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False))  # as LLMEngine.add_request
+        return tokenizing.tokenize(self._tokenizer, text)
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise InvalidRequestError("chat", f"the served checkpoint ({Path(self.config.model).name}) has no chat "
-                                              "template (tokenizer_config.json 'chat_template'): send a text prompt")
-        try:
-            text = self._tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                       tokenize=False, add_generation_prompt=True)
-        except Exception as err:  # noqa: BLE001 - jinja raises what templates raise (e.g. "roles must alternate")
-            raise InvalidRequestError("chat", f"the chat template refused the conversation: {err}") from None
-        return self.tokenize(text)
+        return tokenizing.render_chat(self._tokenizer, messages, f"checkpoint ({Path(self.config.model).name})")
 
     def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        vocab_size = self.llm_engine.runner.vocab_size
-        bad = sorted({t for t in token_ids if not 0 <= t < vocab_size})
-        if bad:
-            raise InvalidRequestError("token_ids", f"{bad[:8]} are not in the vocabulary (0 <= id < {vocab_size})")
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return tokenizing.detokenize(self._tokenizer, token_ids, self.llm_engine.runner.vocab_size,
+                                     skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------------ model info
     def model_info(self) -> ModelInfo:

@@ -16,7 +16,8 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
-from serve.backends.base import ModelInfo
+from serve.backends import tokenizing
+from serve.backends.base import ChatMessage, ModelInfo
 from serve.backends.native import NativeBackend
 from serve.scoring import LoglikelihoodQuery, ScoreResult, ScoreText
 from serve.types import InvalidRequestError
@@ -52,17 +53,11 @@ class OnnxRuntimeBackend(NativeBackend):
                                            "source checkpoint with --backend native to score")
 
     def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        vocab_size = self.llm_engine.vocab_size
-        bad = sorted({t for t in token_ids if not 0 <= t < vocab_size})
-        if bad:
-            raise InvalidRequestError("token_ids", f"{bad[:8]} are not in the vocabulary (0 <= id < {vocab_size})")
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return tokenizing.detokenize(self._tokenizer, token_ids, self.llm_engine.vocab_size,
+                                     skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages):
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise InvalidRequestError("chat", f"the served export ({self.export_dir.name}) has no chat template "
-                                              "(tokenizer_config.json 'chat_template'): send a text prompt")
-        return super().render_chat(messages)
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return tokenizing.render_chat(self._tokenizer, messages, f"export ({self.export_dir.name})")
 
     def model_info(self) -> ModelInfo:
         from serve.backends.onnxruntime_engine import UNSUPPORTED_FEATURES

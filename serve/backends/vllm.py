@@ -55,6 +55,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from serve.backends import tokenizing
 from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo
 from serve.backends.vllm_config import (VLLMConfig, apply_environment, check_checkpoint_format, check_head_size,
                                        cpu_attention_head_sizes, require_vllm)
@@ -226,24 +227,14 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------------------ tokenizer
     def tokenize(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False))  # as the native backend
+        return tokenizing.tokenize(self._tokenizer, text)
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise InvalidRequestError("chat", f"the served checkpoint ({Path(self.config.model).name}) has no chat "
-                                              "template (tokenizer_config.json 'chat_template'): send a text prompt")
-        try:
-            text = self._tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                       tokenize=False, add_generation_prompt=True)
-        except Exception as err:  # noqa: BLE001 - jinja raises what templates raise (e.g. "roles must alternate")
-            raise InvalidRequestError("chat", f"the chat template refused the conversation: {err}") from None
-        return self.tokenize(text)
+        return tokenizing.render_chat(self._tokenizer, messages, f"checkpoint ({Path(self.config.model).name})")
 
     def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        bad = sorted({t for t in token_ids if not 0 <= t < self.vocab_size})
-        if bad:
-            raise InvalidRequestError("token_ids", f"{bad[:8]} are not in the vocabulary (0 <= id < {self.vocab_size})")
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return tokenizing.detokenize(self._tokenizer, token_ids, self.vocab_size,
+                                     skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------------ model info
     def model_info(self) -> ModelInfo:
