@@ -23,12 +23,15 @@ INVALID_ARGUMENT); anything else is the server's fault.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from serve.scoring import LoglikelihoodQuery, ScoreResult, ScoreText
 from serve.types import EngineStats, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -113,3 +116,12 @@ class Backend(Protocol):
 
     async def shutdown(self) -> None:
         """Stop the engine. Call once, after start(), when no more requests will come."""
+
+
+def notify_stats_listeners(listeners: Sequence[Callable[[EngineStats], None]], stats: EngineStats) -> None:
+    """Call every `add_stats_listener` listener with `stats`; one that raises is logged and the others still run."""
+    for listener in listeners:
+        try:
+            listener(stats)
+        except Exception:  # noqa: BLE001 - one broken listener must not starve the others
+            log.exception("stats listener %r failed", listener)

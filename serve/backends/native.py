@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.backends import tokenizing
-from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo
+from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo, notify_stats_listeners
 from serve.scoring import LoglikelihoodQuery, Scorer, ScoreResult, ScoreText
 from serve.types import EngineStats, Logprobs, RequestOutput, SamplingParams, TokenLogprob
 
@@ -80,11 +80,7 @@ class NativeBackend:
         self._stats_listeners = (*self._stats_listeners, listener)  # replaced whole: the engine thread iterates it
 
     def _publish_stats(self, stats: EngineStats) -> None:
-        for listener in self._stats_listeners:
-            try:
-                listener(stats)
-            except Exception:  # noqa: BLE001 - one broken listener must not starve the others
-                log.exception("stats listener %r failed", listener)
+        notify_stats_listeners(self._stats_listeners, stats)
 
     # ------------------------------------------------------------------------------ tokenizer
     def tokenize(self, text: str) -> list[int]:

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.backends import tokenizing
-from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo
+from serve.backends.base import ChatMessage, ModelInfo, SpeculativeInfo, notify_stats_listeners
 from serve.backends.vllm_config import (VLLMConfig, apply_environment, check_checkpoint_format, check_head_size,
                                        cpu_attention_head_sizes, require_vllm)
 from serve.backends.vllm_params import finish_reason, logprobs_position, sampling_kwargs
@@ -187,11 +187,7 @@ class VLLMBackend:
         self._stats_listeners = (*self._stats_listeners, listener)
 
     def _publish_stats(self, stats: EngineStats) -> None:
-        for listener in self._stats_listeners:
-            try:
-                listener(stats)
-            except Exception:  # noqa: BLE001 - one broken listener must not starve the others
-                log.exception("stats listener %r failed", listener)
+        notify_stats_listeners(self._stats_listeners, stats)
 
     def _request_output(self, out: Any, prompt_ids: list[int], params: SamplingParams,
                         arrival_time: float) -> RequestOutput:
