@@ -134,6 +134,11 @@ class LLMEngine:
         elif not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", f"must be a SamplingParams, got {type(params).__name__}: build it "
                                                 f"with SamplingParams(**fields), which checks every field")
+        if params.speculative and self.speculator is None:
+            # Forcing speculation on where there is no speculator would silently run without it; refused,
+            # as the vLLM and onnxruntime backends do (same field, same status through the API).
+            raise InvalidRequestError("speculative", "is true but this engine runs no speculative decoding (start "
+                                                     "it with --draft-model or --ngram); send null or false")
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
         else:

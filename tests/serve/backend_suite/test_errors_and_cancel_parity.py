@@ -74,10 +74,11 @@ def test_cancel_deadline_and_bad_input_give_the_same_status_everywhere(all_serve
         assert not differ, f"{name} vs {REFERENCE}: {differ}"
 
 
-def test_speculation_forced_per_request_is_refused_naming_the_field(start_backend):
-    """vLLM speculates per engine, not per request: a request forcing it on, where the server has no speculator,
-    is INVALID_ARGUMENT there (the native engine, without a speculator too, runs it unspeculated: a documented
-    difference, serve/backends/vllm.py)."""
-    with start_backend("vllm").client() as client:
-        code, details = _code(lambda: client.generate("Return the", max_tokens=4, speculative=True))
-    assert code == "INVALID_ARGUMENT" and details.startswith("sampling.speculative: "), details
+def test_speculation_forced_per_request_is_refused_naming_the_field(all_servers):
+    """None of the suite's servers runs a speculator: a request forcing speculation on is INVALID_ARGUMENT
+    naming the field on every backend, rather than silently running unspeculated, and the server keeps serving."""
+    for name, server in all_servers.items():
+        with server.client() as client:
+            code, details = _code(lambda: client.generate("Return the", max_tokens=4, speculative=True))
+            assert code == "INVALID_ARGUMENT" and details.startswith("sampling.speculative: "), (name, details)
+            assert client.generate("Return the", max_tokens=2, speculative=False).finished, name

@@ -45,6 +45,7 @@ BAD_REQUESTS = [
     ("stop token id far out", "stop_token_ids", lambda: (PROMPT, SamplingParams(stop_token_ids=[3, 10**6]))),
     ("prompt id outside the vocabulary", "prompt_token_ids", lambda: ([1, VOCAB_SIZE], SamplingParams())),
     ("params not SamplingParams", "params", lambda: (PROMPT, {"max_tokens": 4})),
+    ("speculation forced on, no speculator", "speculative", lambda: (PROMPT, SamplingParams(speculative=True))),
 ]
 
 
