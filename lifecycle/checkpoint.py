@@ -304,6 +304,11 @@ def add_command(sub: Any) -> None:
 
 
 def _cmd_verify(args: Any) -> int:
+    from lifecycle.onnx_export.verify import describe, is_onnx_export, verify_onnx_export
+
+    if is_onnx_export(Path(args.path)):  # model.onnx + external data, no safetensors: its own checks
+        print(describe(verify_onnx_export(args.path)))
+        return 0
     ckpt = load_checkpoint(args.path)
     if ckpt.manifest is None:
         print(f"{ckpt.path}: plain transformers checkpoint (no manifest); config and weights format OK")
