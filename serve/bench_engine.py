@@ -251,6 +251,10 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     model_path = Path(cfg.model) if cfg.model else default_model(cache_dir)
     ckpt = load_checkpoint(model_path)
+    from serve.backends import native_quant_bench
+
+    for name in (b for b in cfg.backend if b in native_quant_bench.BACKENDS):
+        native_quant_bench.check_backend(name, model_path)  # a model our quantizer refuses fails here, not at the end
     rate = matmul_gflops()
     fpt = flops_per_token(ckpt.config)
     vocab = ckpt.config["vocab_size"]

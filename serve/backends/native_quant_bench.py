@@ -26,16 +26,30 @@ from typing import Any
 BACKENDS = {"native-int4": "rtn:4:32", "native-int8": "int8"}
 
 
-def quantize_for_bench(model_path: Path, cache_dir: Path, spec: str, *, progress: bool = True) -> Path:
-    """The quantized child of `model_path` for `spec`, made once and cached by the parent's weights hash."""
+def _plan(model_path: Path, spec: str):
+    """(source checkpoint, QuantConfig) for `spec`; raises naming config.json when the model's shapes do not fit."""
     from quant.config import parse_spec
-    from quant.quantize import open_source, quantize_checkpoint
+    from quant.quantize import check_shapes, open_source
 
     src = open_source(model_path)  # verifies hashes; refuses an already-quantized checkpoint
+    cfg = parse_spec(spec, quantize_lm_head=not src.config.get("tie_word_embeddings"))
+    check_shapes(src, cfg)  # e.g. group size 32 must divide hidden and intermediate sizes
+    return src, cfg
+
+
+def check_backend(name: str, model_path: Path) -> None:
+    """Fail before any measurement when `name` cannot quantize this model."""
+    _plan(model_path, BACKENDS[name])
+
+
+def quantize_for_bench(model_path: Path, cache_dir: Path, spec: str, *, progress: bool = True) -> Path:
+    """The quantized child of `model_path` for `spec`, made once and cached by the parent's weights hash."""
+    from quant.quantize import quantize_checkpoint
+
+    src, cfg = _plan(model_path, spec)
     files = (src.manifest or {}).get("files", {})
     digest = (files.get("model.safetensors") or {}).get("sha256") or model_path.resolve().as_posix().replace("/", "_")
-    tied = bool(src.config.get("tie_word_embeddings"))
-    cfg = parse_spec(spec, quantize_lm_head=not tied)
+    tied = not cfg.quantize_lm_head
     out = cache_dir / "bench" / "quant" / f"{digest[:16]}-{cfg.label.replace(':', '-')}{'' if tied else '-head'}"
     if (out / "manifest.json").is_file():
         return out

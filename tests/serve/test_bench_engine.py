@@ -74,6 +74,14 @@ def bench_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench-cache")
 
 
+def test_native_int4_refuses_a_model_it_cannot_quantize_before_measuring(trained_checkpoint, tmp_path):
+    """The trained test model's intermediate size (176) is not a multiple of 32: one clear error, nothing run."""
+    with pytest.raises(ConfigError, match=r"group size 32 does not divide the input dimension 176 of .*config.json"):
+        bench_engine(BenchEngineConfig(model=str(trained_checkpoint), workloads=["w2"], peers=["none"],
+                                       backend=["native-int4"], output=str(tmp_path / "e.json")), cache_dir=tmp_path)
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "bench").exists()
+
+
 def test_native_int4_int8_run_next_to_onnxruntime_int4(tmp_path, quantizable_model, bench_cache, capsys):
     """native-int4 / native-int8 quantize the bench model once (cached), run W1 and W2 in the same invocation as
     onnxruntime-int4, with greedy agreement against the fp32 native run and the int4 ratio in JSON and table."""
