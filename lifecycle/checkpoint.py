@@ -292,7 +292,7 @@ def add_command(sub: Any) -> None:
     group = add_subcommand(sub, "checkpoint", help="inspect and verify checkpoints",
                            example="lmforge checkpoint verify runs/small/final")
     actions = group.add_subparsers(title="actions", metavar="ACTION")
-    verify = add_subcommand(actions, "verify", help="check every file against the manifest's sha256",
+    verify = add_subcommand(actions, "verify", help="check every file against the manifest's sha256 (ONNX exports too)",
                             example="lmforge checkpoint verify runs/small/final")
     verify.add_argument("path", help="checkpoint directory")
     verify.set_defaults(func=_cmd_verify)
@@ -304,6 +304,11 @@ def add_command(sub: Any) -> None:
 
 
 def _cmd_verify(args: Any) -> int:
+    from lifecycle.onnx_export.verify import describe, is_onnx_export, verify_onnx_export
+
+    if is_onnx_export(Path(args.path)):  # model.onnx + external data, no safetensors: its own checks
+        print(describe(verify_onnx_export(args.path)))
+        return 0
     ckpt = load_checkpoint(args.path)
     if ckpt.manifest is None:
         print(f"{ckpt.path}: plain transformers checkpoint (no manifest); config and weights format OK")

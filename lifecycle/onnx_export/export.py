@@ -89,9 +89,11 @@ def export_onnx(cfg: OnnxExportConfig) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
     if out_dir.resolve() == src_dir.resolve():
         raise ConfigError(f"--output {out_dir}: is the source checkpoint; choose another directory")
-    src = load_checkpoint(src_dir)  # verifies hashes; refuses unsupported architectures naming config.json
-    if src.manifest and src.manifest.get("kind") == KIND:
+    from lifecycle.onnx_export.verify import is_onnx_export
+
+    if is_onnx_export(src_dir):  # before load_checkpoint, which would only say it has no safetensors
         raise ConfigError(f"{src_dir}: is an ONNX export already; export its parent checkpoint")
+    src = load_checkpoint(src_dir)  # verifies hashes; refuses unsupported architectures naming config.json
     if src.quantization:
         raise ConfigError(f"{src_dir / 'config.json'}: the checkpoint is quantized ({src.quantization.get('quant_method') or src.quantization.get('method')}); "
                           "export its fp32/bf16 parent and pass --quantize int8|int4")

@@ -55,7 +55,8 @@ class _Seq:
 
 
 class OrtEngine:
-    def __init__(self, export_dir: str | Path, *, max_num_seqs: int = 64, runner: str = "batched") -> None:
+    def __init__(self, export_dir: str | Path, *, max_num_seqs: int = 64, runner: str = "batched",
+                 num_threads: int | None = None) -> None:
         from transformers import AutoTokenizer
 
         from lifecycle.onnx_export.export import load_onnx_export
@@ -63,7 +64,7 @@ class OrtEngine:
 
         self.path, self.manifest, self.config = load_onnx_export(export_dir)
         self.runner_name = runner
-        self.runner = make_runner(runner, self.path, self.config)
+        self.runner = make_runner(runner, self.path, self.config, num_threads=num_threads)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
         self.vocab_size = int(self.config["vocab_size"])
         self.max_model_len = int(self.config.get("max_position_embeddings") or 2048)
@@ -135,8 +136,9 @@ class OrtEngine:
         if not self._running:
             return []
         decoding = [s for s in self._running.values() if s.output_ids]
-        rows = [self.runner.prefill(s.request.request_id, s.request.prompt_token_ids,
-                                    s.request.num_prompt_tokens + s.request.params.max_tokens) for s in admitted]
+        rows = list(self.runner.prefill([(s.request.request_id, s.request.prompt_token_ids,
+                                          s.request.num_prompt_tokens + s.request.params.max_tokens)
+                                         for s in admitted])) if admitted else []
         if decoding:
             rows.extend(self.runner.decode([(s.request.request_id, s.output_ids[-1]) for s in decoding]))
         seqs = admitted + decoding

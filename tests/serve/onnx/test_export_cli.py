@@ -52,7 +52,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(case, trained_checkpoint
         "output_exists": ([trained_checkpoint, "-o", onnx_fp32], "already exists; pass --overwrite"),
         "fp16_with_int4": ([trained_checkpoint, "-o", out, "--dtype", "fp16", "--quantize", "int4"],
                            "--quantize int4 with --dtype fp16"),
-        "onnx_as_source": ([onnx_fp32, "-o", out], "no *.safetensors weights"),
+        "onnx_as_source": ([onnx_fp32, "-o", out], "is an ONNX export already; export its parent checkpoint"),
         "base_flag": ([trained_checkpoint, "-o", out, "--base", trained_checkpoint], "--base: only for merging"),
         "eval_data_missing": ([trained_checkpoint, "-o", out, "--quantize", "int4", "--eval-data", tmp_path / "x.txt"],
                               "--eval-data"),
