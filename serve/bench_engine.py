@@ -64,7 +64,7 @@ class BenchEngineConfig:
     prefix_len: int = field(default=1024, metadata={"help": "W4 shared prefix tokens"})
     target: str | None = field(default=None, metadata={"help": "W3 target checkpoint (default: the demo's, if built)"})
     draft: str | None = field(default=None, metadata={"help": "W3 draft checkpoint (default: the demo's, if built)"})
-    num_speculative_tokens: int = field(default=4, metadata={"help": "W3 drafts per step (k)"})
+    num_speculative_tokens: int = field(default=6, metadata={"help": "W3 drafts per step (k); 6 suits the demo draft (greedy agreement ~0.9: docs/BENCHMARKS.md)"})
     spec_prompts: int = field(default=4, metadata={"help": "W3 held-out prompts, run one at a time"})
     output: str = field(default="runs/bench/engine.json", metadata={"help": "JSON report"})
     plot: bool = field(default=True, metadata={"help": "write a PNG next to the JSON"})
