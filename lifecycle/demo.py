@@ -50,7 +50,7 @@ class DemoConfig:
     # ... and on the target's own greedy continuations of corpus prompts for this share of its documents
     # (lifecycle/recipes/draft_data.py): the draft runs on the target's output, not on human text. Greedy
     # agreement 0.75 -> 0.90 on held-out prompts; docs/BENCHMARKS.md, "W3 draft quality". 0 turns it off.
-    draft_continuations: int = 192
+    draft_continuations: int = 256
     draft_continuation_tokens: int = 192
     draft_continuation_share: float = 0.5
     # 512 tokens per step: on a budget this small the number of steps, not tokens per step, decides how far
