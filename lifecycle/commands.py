@@ -7,6 +7,7 @@ COMMANDS = [
     "lifecycle.demo:add_command",
     "lifecycle.tokenizer:add_command",
     "lifecycle.recipes.pretrain:add_command",
+    "lifecycle.recipes.draft_data:add_command",
     "lifecycle.recipes.sft:add_command",
     "lifecycle.recipes.reward:add_command",
     "lifecycle.recipes.dpo:add_command",

@@ -97,3 +97,33 @@ def continuations_target_sha(path: str | Path) -> str | None:
             return json.loads(f.readline()).get("target_manifest_sha256")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def add_command(sub) -> None:
+    """`lmforge draft-data`: the continuations file, for `lmforge pretrain --distill-from` with a weight."""
+    from lifecycle.cli import add_subcommand
+
+    parser = add_subcommand(
+        sub, "draft-data", help="a target's greedy continuations of corpus prompts, to distil a speculative draft on",
+        description=__doc__,
+        example=("lmforge draft-data --target runs/small/final --data corpus/train.jsonl -o runs/draft-data.jsonl && "
+                 "lmforge pretrain --preset tiny --distill-from runs/small/final --distill-temperature 0.25 "
+                 "--data corpus/train.jsonl:0.5 runs/draft-data.jsonl:0.5 --tokenizer runs/small/final "
+                 "--output-dir runs/draft"))
+    parser.add_argument("--target", required=True, help="the target checkpoint (the draft's teacher)")
+    parser.add_argument("--data", required=True, help="jsonl with a `text` field to cut prompts from (8-64 tokens each)")
+    parser.add_argument("-o", "--output", required=True, help="jsonl to write (atomically)")
+    parser.add_argument("--num-prompts", type=int, default=256, help="prompts, each from another document")
+    parser.add_argument("--max-new-tokens", type=int, default=192, help="greedy target tokens per prompt (EOS ignored)")
+    parser.add_argument("--seed", type=int, default=0, help="which documents and windows")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    out = write_target_continuations(args.target, args.data, args.output, num_prompts=args.num_prompts,
+                                     max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(f"wrote {out}", flush=True)
+    return 0

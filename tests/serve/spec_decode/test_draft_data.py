@@ -50,3 +50,15 @@ def test_continuations_are_the_targets_greedy_output(trained_checkpoint, tmp_pat
         assert context == ids
     with pytest.raises(ConfigError, match="positive"):
         write_target_continuations(trained_checkpoint, corpus, tmp_path / "x.jsonl", num_prompts=0)
+
+
+def test_cli_refuses_bad_flags_naming_them(trained_checkpoint, tmp_path, capsys):
+    from lifecycle.cli import main
+
+    out = tmp_path / "cont.jsonl"
+    assert main(["draft-data", "--target", str(trained_checkpoint), "--data", str(tmp_path / "missing.jsonl"),
+                 "-o", str(out)]) != 0
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["draft-data", "--target", str(trained_checkpoint), "--data", str(tmp_path / "missing.jsonl"),
+                 "-o", str(out), "--max-new-tokens", "0"]) != 0
+    assert "max_new_tokens" in capsys.readouterr().err and not out.exists()
