@@ -57,6 +57,58 @@ def decode_cpu_time(engine, prompt: list[int], num_tokens: int, request_id: str)
     return time.process_time() - start, tokens
 
 
+class _Timed:
+    """A quantized linear that adds the CPU time of each one-row call (a decode step) to `spent[kind]`."""
+
+    def __init__(self, inner, kind: str, spent: dict[str, float]):
+        self.inner, self.kind, self.spent = inner, kind, spent
+
+    def __call__(self, *args, **kwargs):
+        if args[0].shape[0] != 1:  # prefill rows: not decode
+            return self.inner(*args, **kwargs)
+        t0 = time.process_time()
+        out = self.inner(*args, **kwargs)
+        self.spent[self.kind] += time.process_time() - t0
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def profile_linears(engine, prompt: list[int], num_tokens: int) -> dict[str, float] | None:
+    """CPU ms per decode token spent in each kind of quantized linear (qkv, o, gate_up, down, lm_head) and in
+    everything else (attention, norms, RoPE, sampling, the engine's Python), from one extra greedy decode with a
+    timer around every quantized linear. None for a model without quantized linears (the fp32 one-call path)."""
+    import torch
+
+    model = engine.runner.model
+    kinds = [k for k in ("qkv", "o", "gate_up", "down") if not isinstance(getattr(model.layers[0], k), torch.Tensor)]
+    head = not isinstance(model.lm_head, torch.Tensor)
+    if not kinds and not head:
+        return None
+    spent = dict.fromkeys(kinds + (["lm_head"] if head else []), 0.0)
+    originals = [(layer, k, getattr(layer, k)) for layer in model.layers for k in kinds]
+    for layer, k, inner in originals:
+        object.__setattr__(layer, k, _Timed(inner, k, spent))
+    if head:
+        model.lm_head = _Timed(model.lm_head, "lm_head", spent)
+    try:
+        decode_cpu_time(engine, prompt, 2, "profile-warmup")
+        for k in spent:
+            spent[k] = 0.0
+        total, _ = decode_cpu_time(engine, prompt, num_tokens, "profile")
+    finally:
+        for layer, k, inner in originals:
+            object.__setattr__(layer, k, inner)
+        if head:
+            model.lm_head = model.lm_head.inner
+    steps = num_tokens - 1  # one-row calls per linear: the prefill gives the first token, each later one a step
+    out = {k: 1e3 * v / steps for k, v in spent.items()}
+    out["rest"] = 1e3 * total / steps - sum(out.values())
+    out["all"] = 1e3 * total / steps
+    return out
+
+
 class OrtGenaiWorker:
     """One onnxruntime-genai export, decoding in a peers'-python subprocess that reports its own CPU time."""
 
@@ -96,7 +148,7 @@ class OrtGenaiWorker:
 
 
 def bench(paths: list[str], *, prompt: list[int], num_tokens: int, rounds: int, threads: int = 1,
-          ort_genai: list[str] = (), peers_python: str | None = None) -> dict[str, Any]:
+          ort_genai: list[str] = (), peers_python: str | None = None, profile: bool = False) -> dict[str, Any]:
     import torch
 
     if num_tokens < 2 or rounds < 1:
@@ -135,6 +187,10 @@ def bench(paths: list[str], *, prompt: list[int], num_tokens: int, rounds: int, 
                      "vs_first": tps / base_tps, "rounds_cpu_s": times[p],
                      "same_tokens_every_round": all(o == outputs[p][0] for o in outputs[p]),
                      "tokens_equal_first_model": outputs[p][0] == outputs[first][0]})
+    if profile:  # after the timed rounds, so the timers' own cost is not in them
+        for row in rows:
+            if row["model"] in engines:
+                row["profile_cpu_ms_per_token"] = profile_linears(engines[row["model"]], prompt, num_tokens)
     return {"threads": threads, "num_tokens": num_tokens, "rounds": rounds, "prompt_len": len(prompt), "rows": rows}
 
 
@@ -150,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                          "output for the first checkpoint)")
     ap.add_argument("--peers-python", default=str(REPO_ROOT / ".venv-peers" / "bin" / "python"),
                     help="python with onnxruntime-genai (for --ort-genai)")
+    ap.add_argument("--profile", action="store_true",
+                    help="then one more decode per quantized model with a timer around each quantized linear: CPU ms "
+                         "per token in qkv, o, gate_up, down, lm_head and the rest")
     ap.add_argument("--output", default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
     for m in args.models:
@@ -158,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     prompt = [(7 * i + 3) % 200 + 10 for i in range(args.prompt_len)]
     try:
         result = bench(args.models, prompt=prompt, num_tokens=args.tokens, rounds=args.rounds, threads=args.threads,
-                       ort_genai=args.ort_genai, peers_python=args.peers_python)
+                       ort_genai=args.ort_genai, peers_python=args.peers_python, profile=args.profile)
     except (ConfigError, RuntimeError) as err:
         raise SystemExit(f"error: {err}") from None
     for row in result["rows"]:
         print(f"{row['tokens_per_cpu_s']:8.2f} tok/CPU-s  {row['vs_first']:.2f}x  "
               f"tokens==first: {row['tokens_equal_first_model']}  {row['model']}\n          {row['engine_path']}")
+        if row.get("profile_cpu_ms_per_token"):
+            print("          CPU ms/token: " + ", ".join(f"{k} {v:.2f}" for k, v in row["profile_cpu_ms_per_token"].items()))
     if args.output:
         from quant.report import atomic_write
 
