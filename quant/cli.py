@@ -146,6 +146,8 @@ def _run_methods(args, src, cfgs, targets, calib, calib_source, eval_sets, cache
     for cfg, target in zip(cfgs, targets):
         print(f"== {cfg.label} -> {target}")
         t0 = time.perf_counter()
+        if target not in reused and args.reuse_existing and target.exists():  # made while this run went on
+            reused[target] = _existing(target, src, cfg, calib_source)
         if target in reused:
             print(f"   reusing {target} (same QuantConfig, parent and calibration)")
             outcome = reused[target]
@@ -183,12 +185,9 @@ def _run_methods(args, src, cfgs, targets, calib, calib_source, eval_sets, cache
                 if base_speed.get("decode_tokens_per_s") and speed.get("decode_tokens_per_s"):
                     row["decode_speedup_vs_fp32"] = speed["decode_tokens_per_s"] / base_speed["decode_tokens_per_s"]
         rows.append(row)
-    report = {"meta": {"checkpoint": str(src.path), "calibration": calib_source,
-                       "num_samples": int(calib.shape[0]) if calib is not None else 0, "seq_len": args.seq_len,
-                       "eval_seq_len": args.eval_seq_len, "eval_blocks": {n: int(b.shape[0]) for n, b in eval_sets.items()},
-                       "decode_tokens": args.decode_tokens, "notes": getattr(args, "_notes", [])},
-              "eval_sets": list(eval_sets), "rows": rows}
-    report["meta"]["eval_blocks"] = max(report["meta"]["eval_blocks"].values(), default=0)
+        if len(rows) < len(cfgs) + bool(eval_sets):  # what is done so far, in case a long run is stopped
+            write_report(_report(src, calib, calib_source, args, eval_sets, rows), out)
+    report = _report(src, calib, calib_source, args, eval_sets, rows)
     paths = write_report(report, out)
     from quant.report import markdown
 
@@ -197,6 +196,16 @@ def _run_methods(args, src, cfgs, targets, calib, calib_source, eval_sets, cache
         print(f"note: {note}")
     print(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return 0
+
+
+def _report(src, calib, calib_source, args, eval_sets, rows) -> dict[str, Any]:
+    report = {"meta": {"checkpoint": str(src.path), "calibration": calib_source,
+                       "num_samples": int(calib.shape[0]) if calib is not None else 0, "seq_len": args.seq_len,
+                       "eval_seq_len": args.eval_seq_len, "eval_blocks": {n: int(b.shape[0]) for n, b in eval_sets.items()},
+                       "decode_tokens": args.decode_tokens, "notes": getattr(args, "_notes", [])},
+              "eval_sets": list(eval_sets), "rows": rows}
+    report["meta"]["eval_blocks"] = max(report["meta"]["eval_blocks"].values(), default=0)
+    return report
 
 
 def _existing(target: Path, src, cfg, calib_source: str):

@@ -110,3 +110,46 @@ def evaluate_set(model, blocks: torch.Tensor, name: str, cache: ParentLogProbs |
     if kls:
         out.update(summarize(torch.cat(kls), torch.cat(agrees)))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """KL(REFERENCE || OTHER) between any two checkpoints of one parent (e.g. two solvers' GPTQ children), on the
+    held-out sets `lmforge quantize` uses; the parent only supplies the architecture and the held-out text."""
+    import argparse
+    import json
+
+    from quant.cli import _eval_sets, default_wikitext
+    from quant.quantize import open_source
+    from quant.report import load_dequantized
+
+    ap = argparse.ArgumentParser(prog="python -m quant.divergence", description=main.__doc__)
+    ap.add_argument("parent", help="the unquantized parent checkpoint")
+    ap.add_argument("reference", help="checkpoint whose distribution is P (the parent itself, or a quantized child)")
+    ap.add_argument("other", help="checkpoint whose distribution is Q")
+    ap.add_argument("--eval-blocks", type=int, default=40)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--wikitext", default=str(default_wikitext()))
+    args = ap.parse_args(argv)
+    src = open_source(args.parent)
+    sets = _eval_sets(src, args)
+
+    def load(path: str):
+        return src.load_model(dtype=torch.float32).eval() if Path(path).resolve() == src.path.resolve() \
+            else load_dequantized(src.path, Path(path))
+
+    result = {}
+    with ParentLogProbs(sets, int(src.config["vocab_size"])) as cache:
+        ref = load(args.reference)
+        ppl_ref = {n: evaluate_set(ref, b, n, cache, parent=True, desc=f"{n} (reference)")["perplexity"]
+                   for n, b in sets.items()}
+        del ref
+        other = load(args.other)
+        for n, b in sets.items():
+            ev = evaluate_set(other, b, n, cache, parent=False, desc=f"{n} (other)")
+            result[n] = {"perplexity_reference": ppl_ref[n], "perplexity_other": ev.pop("perplexity"), **ev}
+    print(json.dumps({"reference": args.reference, "other": args.other, "sets": result}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

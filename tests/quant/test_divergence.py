@@ -114,3 +114,21 @@ def test_evaluate_set_without_cache_is_plain_perplexity():
     ev = evaluate_set(_Table(table), blocks, "x", None, parent=False, progress=False)
     assert set(ev) == {"perplexity"}
     assert ev["perplexity"] == pytest.approx(perplexity(_Table(table), blocks, progress=False), rel=1e-6)
+
+
+def test_divergence_between_two_checkpoints_cli(tiny_checkpoint, quantized, capsys):
+    """python -m quant.divergence PARENT REF OTHER: a child against itself gives KL 0 and agreement 1; against
+    the parent a positive KL."""
+    import json
+
+    from quant.divergence import main
+
+    child = quantized("rtn:3:32")
+    common = ["--eval-blocks", "3", "--eval-seq-len", "64", "--wikitext", "none"]
+    assert main([str(tiny_checkpoint), str(child), str(child), *common]) == 0
+    same = json.loads(capsys.readouterr().out)["sets"]["own"]
+    assert same["kl_mean"] == 0.0 and same["top1_agreement"] == 1.0 and same["positions"] == 3 * 63
+    assert same["perplexity_reference"] == same["perplexity_other"]
+    assert main([str(tiny_checkpoint), str(tiny_checkpoint), str(child), *common]) == 0
+    moved = json.loads(capsys.readouterr().out)["sets"]["own"]
+    assert moved["kl_mean"] > 0 and moved["kl_p99"] >= moved["kl_mean"]
