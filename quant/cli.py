@@ -62,6 +62,9 @@ def add_command(sub: Any) -> None:
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded to measure speed (0: skip)")
     p.add_argument("--no-eval", action="store_true", help="write the checkpoints only: no perplexity, no speed")
     p.add_argument("--overwrite", action="store_true", help="replace existing method directories")
+    p.add_argument("--reuse-existing", action="store_true",
+                   help="a method directory that already holds this method's checkpoint of this parent (same "
+                        "QuantConfig and calibration source in its manifest) is evaluated, not quantized again")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -95,23 +98,42 @@ def run(args: Any) -> int:
     out = Path(args.output_dir)
     targets = [out / _slug(label) for label in labels]
     existing = [t for t in targets if t.exists()]
-    if existing and not args.overwrite:
+    if args.reuse_existing and args.overwrite:
+        raise ConfigError("--reuse-existing and --overwrite contradict each other; pass one")
+    if existing and not args.overwrite and not args.reuse_existing:
         raise CheckpointError(f"{existing[0]}: already exists; pass --overwrite to replace it")
     calib, calib_source = None, "-"
     if any(c.method == "gptq" for c in cfgs):
         calib, calib_source = calibration_ids(src, cfgs[0], args.calibration_data, args.text_field)
+    reused = {t: _existing(t, src, c, calib_source) for c, t in zip(cfgs, targets) if args.reuse_existing and t.exists()}
     eval_sets = {} if args.no_eval else _eval_sets(src, args)
 
-    from quant.quantize import quantize_checkpoint
-    from quant.report import decode_speed, load_dequantized, perplexity, relative, sizes, write_report
+    from quant.divergence import ParentLogProbs
 
     out.mkdir(parents=True, exist_ok=True)
+    # The parent's log-probs of every eval position, float32 on disk under --output-dir (deleted at the end),
+    # so each child's KL from the parent comes out of the same pass as its perplexity.
+    cache = ParentLogProbs(eval_sets, int(src.config["vocab_size"]), out) if eval_sets else None
+    try:
+        return _run_methods(args, src, cfgs, targets, calib, calib_source, eval_sets, cache, reused, progress)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _run_methods(args, src, cfgs, targets, calib, calib_source, eval_sets, cache, reused, progress) -> int:
+    from quant.divergence import evaluate_set
+    from quant.quantize import quantize_checkpoint
+    from quant.report import decode_speed, load_dequantized, relative, sizes, write_report
+
+    out = Path(args.output_dir)
     before: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     base_speed: dict[str, Any] = {}
     if eval_sets:
         parent_model = src.load_model(dtype=_f32()).eval()
-        before = {name: perplexity(parent_model, blocks, desc=f"ppl {name} (fp32)", progress=progress)
+        before = {name: evaluate_set(parent_model, blocks, name, cache, parent=True, desc=f"ppl {name} (fp32)",
+                                     progress=progress)["perplexity"]
                   for name, blocks in eval_sets.items()}
         del parent_model
         if args.decode_tokens:
@@ -119,11 +141,17 @@ def run(args: Any) -> int:
         rows.append({"method": "fp32 (parent)", "bits": 32, "group_size": None, "linear_size_vs_fp16": 2.0,
                      "size_vs_fp16": 2.0, "perplexity": {n: {"before": v, "after": v, "relative_change": 0.0}
                                                          for n, v in before.items()},
+                     "divergence": {n: {"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0} for n in before},
                      "calibration_s": None, "quantize_s": None, **base_speed})
     for cfg, target in zip(cfgs, targets):
         print(f"== {cfg.label} -> {target}")
         t0 = time.perf_counter()
-        if cfg.solver == "gptqmodel":
+        if target not in reused and args.reuse_existing and target.exists():  # made while this run went on
+            reused[target] = _existing(target, src, cfg, calib_source)
+        if target in reused:
+            print(f"   reusing {target} (same QuantConfig, parent and calibration)")
+            outcome = reused[target]
+        elif cfg.solver == "gptqmodel":
             from quant.gptqmodel_backend import quantize_with_gptqmodel
 
             outcome = quantize_with_gptqmodel(src, target, cfg, calib, calib_source=calib_source,
@@ -138,13 +166,18 @@ def run(args: Any) -> int:
                                **sizes(src.config, target)}
         if cfg.method == "nf4":
             row["group_size"] = f"block {cfg.nf4_blocksize}"
+        if target in reused:  # made by an earlier run, which timed it
+            row.update(calibration_s=None, quantize_s=None, reused=True)
         if eval_sets:
             model = load_dequantized(src.path, target)
-            row["perplexity"] = {}
+            row["perplexity"], row["divergence"] = {}, {}
             for name, blocks in eval_sets.items():
-                after = perplexity(model, blocks, desc=f"ppl {name} ({cfg.label})", progress=progress)
+                ev = evaluate_set(model, blocks, name, cache, parent=False, desc=f"ppl {name} ({cfg.label})",
+                                  progress=progress)
+                after = ev.pop("perplexity")
                 row["perplexity"][name] = {"before": before[name], "after": after,
                                            "relative_change": relative(after, before[name])}
+                row["divergence"][name] = ev  # KL(parent || this) mean and p99, top-1 agreement, positions
             del model
             if args.decode_tokens:
                 speed = decode_speed(target, _prompt(src), args.decode_tokens)
@@ -152,12 +185,9 @@ def run(args: Any) -> int:
                 if base_speed.get("decode_tokens_per_s") and speed.get("decode_tokens_per_s"):
                     row["decode_speedup_vs_fp32"] = speed["decode_tokens_per_s"] / base_speed["decode_tokens_per_s"]
         rows.append(row)
-    report = {"meta": {"checkpoint": str(src.path), "calibration": calib_source,
-                       "num_samples": int(calib.shape[0]) if calib is not None else 0, "seq_len": args.seq_len,
-                       "eval_seq_len": args.eval_seq_len, "eval_blocks": {n: int(b.shape[0]) for n, b in eval_sets.items()},
-                       "decode_tokens": args.decode_tokens, "notes": getattr(args, "_notes", [])},
-              "eval_sets": list(eval_sets), "rows": rows}
-    report["meta"]["eval_blocks"] = max(report["meta"]["eval_blocks"].values(), default=0)
+        if len(rows) < len(cfgs) + bool(eval_sets):  # what is done so far, in case a long run is stopped
+            write_report(_report(src, calib, calib_source, args, eval_sets, rows), out)
+    report = _report(src, calib, calib_source, args, eval_sets, rows)
     paths = write_report(report, out)
     from quant.report import markdown
 
@@ -166,6 +196,33 @@ def run(args: Any) -> int:
         print(f"note: {note}")
     print(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return 0
+
+
+def _report(src, calib, calib_source, args, eval_sets, rows) -> dict[str, Any]:
+    report = {"meta": {"checkpoint": str(src.path), "calibration": calib_source,
+                       "num_samples": int(calib.shape[0]) if calib is not None else 0, "seq_len": args.seq_len,
+                       "eval_seq_len": args.eval_seq_len, "eval_blocks": {n: int(b.shape[0]) for n, b in eval_sets.items()},
+                       "decode_tokens": args.decode_tokens, "notes": getattr(args, "_notes", [])},
+              "eval_sets": list(eval_sets), "rows": rows}
+    report["meta"]["eval_blocks"] = max(report["meta"]["eval_blocks"].values(), default=0)
+    return report
+
+
+def _existing(target: Path, src, cfg, calib_source: str):
+    """--reuse-existing: the checkpoint already in `target`, when it is this method of this parent (else an error)."""
+    from lifecycle.checkpoint import load_checkpoint
+    from quant.quantize import QuantizeOutcome
+
+    ckpt = load_checkpoint(target)  # verifies its hashes
+    recipe = (ckpt.manifest or {}).get("recipe_config") or {}
+    parent = (ckpt.manifest or {}).get("parent") or {}
+    wanted_calib = calib_source if cfg.method == "gptq" else None
+    if (recipe.get("quant") != cfg.to_dict() or parent.get("manifest_sha256") != src.manifest_sha256()
+            or recipe.get("calibration") != wanted_calib):
+        raise CheckpointError(f"{target / 'manifest.json'}: --reuse-existing: recipe_config/parent are not {cfg.label} "
+                              f"of {src.path}" + (f" calibrated on {wanted_calib}" if wanted_calib else "")
+                              + " with these options; pass --overwrite to replace it")
+    return QuantizeOutcome(ckpt, 0.0, int(recipe.get("num_calibration_samples") or 0), calib_source)
 
 
 def _f32():

@@ -112,7 +112,7 @@ def markdown(report: dict[str, Any]) -> str:
     sets = report["eval_sets"]
     head = [c[1] for c in COLUMNS]
     for s in sets:
-        head += [f"ppl {s} before", f"ppl {s} after", f"Δ {s}"]
+        head += [f"ppl {s} before", f"ppl {s} after", f"Δ {s}", f"KL {s}", f"KL p99 {s}", f"top-1 {s}"]
     head += ["calibration s", "quantize s", "decode tok/s", "engine path"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
@@ -120,6 +120,8 @@ def markdown(report: dict[str, Any]) -> str:
         for s in sets:
             ev = row.get("perplexity", {}).get(s, {})
             cells += [_f(ev.get("before"), "{:.3f}"), _f(ev.get("after"), "{:.3f}"), _f(ev.get("relative_change"), "{:+.2%}")]
+            dv = row.get("divergence", {}).get(s, {})
+            cells += [_f(dv.get("kl_mean"), "{:.5f}"), _f(dv.get("kl_p99"), "{:.5f}"), _f(dv.get("top1_agreement"), "{:.2%}")]
         cells += [_f(row.get("calibration_s"), "{:.1f}"), _f(row.get("quantize_s"), "{:.1f}"),
                   _f(row.get("decode_tokens_per_s"), "{:.1f}"), row.get("engine_path", "-")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -127,7 +129,9 @@ def markdown(report: dict[str, Any]) -> str:
     text = [f"# lmforge quantize: {meta['checkpoint']}", "",
             f"Calibration: {meta['calibration']} ({meta['num_samples']} x {meta['seq_len']} tokens). "
             f"Perplexity: {meta['eval_blocks']} blocks of {meta['eval_seq_len']} tokens per set, fp32 math on the "
-            f"dequantized weights. Decode: {meta['decode_tokens']} tokens, one stream, our engine on CPU.", "",
+            f"dequantized weights. KL: mean and 99th percentile over those positions of KL(fp32 parent || quantized) of the "
+            f"next-token distribution, in nats; top-1: share of positions where both predict the same token. "
+            f"Decode: {meta['decode_tokens']} tokens, one stream, our engine on CPU.", "",
             *lines, ""]
     return "\n".join(text)
 

@@ -11,6 +11,7 @@
  * offset[j, g] * (sum of x over g), with the per-group sums of x computed once per call.
  * q8: W[j, c] = q * scale[j] (q signed), minus corr[j] * sum(x) when given (an asymmetric zero).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
@@ -109,6 +110,78 @@ void lmfq_q4_linear_f32(const float* x, const uint8_t* qw, const float* scale, c
     }
     for (int64_t i = 0; i < m; ++i) out[i * n + j] = total[i];
   }
+  free(xsum);
+}
+
+/* One row of x (m == 1) against a q4 matrix with the activations rounded to int8, as llama.cpp's Q4 x Q8 dot
+ * products and onnxruntime's MatMulNBits at accuracy_level 4: x is cut into blocks of 32 columns, each stored as
+ * int8 codes xq and one scale d (d = max |x| / 127 over the block), so the 32 products of a block are one
+ * u8 x s8 multiply-add (vpmaddubsw: 15 * 127 * 2 fits int16) and one int16 -> int32 pairwise add, instead of
+ * four int -> float conversions and four FMAs. y[j] = sum_g scale[j, g] * sum_{b in g} d[b] * (q . xq)_b
+ * + offset[j, g] * xsum[g] (+ bias), xsum from the unrounded x. The error is the activation rounding:
+ * |x - d * xq| <= d / 2 per column. */
+void lmfq_q4_linear_q8act_f32(const float* x, const uint8_t* qw, const float* scale, const float* offset,
+                              const float* bias, float* out, int64_t n, int64_t k, int64_t group, int num_threads) {
+  const int64_t num_groups = k / group, num_blocks = k / 32, per_group = group / 32;
+  int8_t* xq = (int8_t*)aligned_alloc(32, (size_t)((k + 31) / 32 * 32));
+  float* d = (float*)malloc(sizeof(float) * num_blocks);
+  float* xsum = (float*)malloc(sizeof(float) * num_groups);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    float s = 0.f;
+    for (int64_t c = g * group; c < (g + 1) * group; ++c) s += x[c];
+    xsum[g] = s;
+  }
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    float amax = 0.f;
+    for (int64_t c = b * 32; c < b * 32 + 32; ++c) amax = fmaxf(amax, fabsf(x[c]));
+    const float db = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    d[b] = db;
+    for (int64_t c = b * 32; c < b * 32 + 32; ++c) xq[c] = (int8_t)lrintf(x[c] * inv);
+  }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* row = qw + j * (k / 2);
+    const float* sc = scale + j * num_groups;
+    const float* of = offset + j * num_groups;
+    float off = bias ? bias[j] : 0.f;
+    for (int64_t g = 0; g < num_groups; ++g) off += of[g] * xsum[g];
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    /* Four accumulators in rotation, so consecutive blocks' FMAs do not wait on each other's latency. */
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    for (int64_t g = 0, b = 0; g < num_groups; ++g) {
+      const float s = sc[g];
+      for (int64_t e = 0; e < per_group; ++e, ++b) {
+        const __m128i bytes = _mm_loadu_si128((const __m128i*)(row + b * 16));
+        const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        const __m256i w = _mm256_set_m128i(hi, lo);  /* columns 0-15 (low nibbles), 16-31 (high nibbles) */
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_load_si256((const __m256i*)(xq + b * 32))),
+                                            ones);  /* (8,) int32 partial sums of the block */
+        const __m256 next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * d[b]), t0);
+        t0 = t1; t1 = t2; t2 = t3; t3 = next;
+      }
+    }
+    out[j] = hsum(_mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3))) + off;
+#else
+    float total = 0.f;
+    for (int64_t g = 0, b = 0; g < num_groups; ++g) {
+      float acc = 0.f;
+      for (int64_t e = 0; e < per_group; ++e, ++b) {
+        int32_t dot = 0;
+        for (int64_t t = 0; t < 16; ++t) {
+          const uint8_t byte = row[b * 16 + t];
+          dot += (int32_t)(byte & 0x0F) * xq[b * 32 + t] + (int32_t)(byte >> 4) * xq[b * 32 + t + 16];
+        }
+        acc += d[b] * (float)dot;
+      }
+      total += sc[g] * acc;
+    }
+    out[j] = total + off;
+#endif
+  }
+  free(xq);
+  free(d);
   free(xsum);
 }
 

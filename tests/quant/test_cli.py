@@ -28,6 +28,14 @@ def test_compare_writes_checkpoints_and_report(tiny_checkpoint, tmp_path, capsys
     ppl = {m: r["perplexity"]["own"] for m, r in rows.items()}
     assert ppl["gptq:3:32"]["after"] < ppl["rtn:3:32"]["after"]  # GPTQ beats RTN at the same bits and groups
     assert abs(ppl["int8"]["relative_change"]) < 0.005
+    div = {m: r["divergence"]["own"] for m, r in rows.items()}
+    assert div["fp32 (parent)"] == {"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0}
+    for m in ("gptq:3:32", "rtn:3:32", "int8", "nf4"):
+        assert div[m]["positions"] == 8 * 63 and 0 < div[m]["kl_mean"] <= div[m]["kl_p99"]
+        assert 0.5 < div[m]["top1_agreement"] <= 1
+    assert div["gptq:3:32"]["kl_mean"] < div["rtn:3:32"]["kl_mean"]  # GPTQ moves the distribution less than RTN
+    assert div["int8"]["kl_mean"] < div["nf4"]["kl_mean"] < div["rtn:3:32"]["kl_mean"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the parent's log-prob cache is removed
     assert rows["gptq:3:32"]["calibration_s"] > 0 and rows["rtn:3:32"]["calibration_s"] is None
     assert rows["int8"]["linear_size_vs_fp16"] < 0.55 and rows["gptq:3:32"]["linear_size_vs_fp16"] < 0.3
     assert "int4" in rows["gptq:3:32"]["engine_path"] and "dequantize-on-the-fly" not in rows["gptq:3:32"]["engine_path"]
@@ -91,6 +99,23 @@ def test_existing_output_is_not_replaced(tiny_checkpoint, tmp_path, capsys):
     _fails(["quantize", str(tiny_checkpoint), "-o", str(out), "--method", "rtn:4:32", *FAST], capsys,
            "already exists")
     assert list((out / "rtn-4-32").iterdir()) == []
+
+
+def test_reuse_existing_evaluates_without_requantizing(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = ["quantize", str(tiny_checkpoint), "-o", str(out), "--method", "rtn:4:32", *FAST]
+    argv[argv.index("--decode-tokens") + 1] = "0"
+    assert main(argv) == 0
+    first = json.loads((out / "report.json").read_text())["rows"][1]
+    stamp = (out / "rtn-4-32" / "model.safetensors").stat().st_mtime_ns
+    assert main([*argv, "--reuse-existing"]) == 0
+    again = json.loads((out / "report.json").read_text())["rows"][1]
+    assert (out / "rtn-4-32" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["reused"] is True and again["quantize_s"] is None
+    assert again["perplexity"] == first["perplexity"] and again["divergence"] == first["divergence"]
+    capsys.readouterr()
+    _fails([*argv, "--reuse-existing", "--asym"], capsys, "rtn-4-32/manifest.json", "--reuse-existing", "--overwrite")
+    _fails([*argv, "--reuse-existing", "--overwrite"], capsys, "contradict")
 
 
 def test_our_solver_and_gptqmodel_agree(tiny_checkpoint, tmp_path):

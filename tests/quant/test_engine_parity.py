@@ -115,3 +115,33 @@ def test_quantized_linears_on_both_engine_paths(spec, overrides, quantized):
         got = torch.tensor([lp.chosen.logprob for lp in a.outputs[0].logprobs])
         ref = torch.tensor([lp.chosen.logprob for lp in b.outputs[0].logprobs])
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_int8_activations_bounded_logprob_error(quantized, monkeypatch, capsys):
+    """LMFORGE_Q4_ACTIVATIONS=int8 (4-bit GEMVs on activations rounded to int8 per 32 columns, as onnxruntime-genai's
+    int4 default): the path is named, and against the exact fp32-activation path the greedy tokens agree up to the
+    first divergence with a bounded, reported per-token logprob error."""
+    from transformers import AutoTokenizer
+
+    def one_at_a_time():  # one sequence per step: decode steps of one row, the path this setting changes
+        engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu"))
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
+        return engine, [engine.generate([tok(p, add_special_tokens=False)["input_ids"]], params)[0] for p in PROMPTS]
+
+    path = quantized("gptq:4:32")
+    tok = AutoTokenizer.from_pretrained(path)
+    exact, exact_outs = one_at_a_time()
+    if exact.runner.model.kernels is None:
+        pytest.skip(f"no CPU kernels here: {exact.runner.model.kernel_path}")
+    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "int8")
+    rounded, rounded_outs = one_at_a_time()
+    assert "int8-activation" in rounded.runner.model.kernel_path
+    worst, compared = 0.0, 0
+    for a, b in zip(rounded_outs, exact_outs):
+        same = [x == y for x, y in zip(a.outputs[0].token_ids, b.outputs[0].token_ids)]
+        n = same.index(False) if False in same else len(same)
+        got = torch.tensor([lp.chosen.logprob for lp in a.outputs[0].logprobs][:n])
+        ref = torch.tensor([lp.chosen.logprob for lp in b.outputs[0].logprobs][:n])
+        worst, compared = max(worst, float((got - ref).abs().max()) if n else 0.0), compared + n
+    print(f"int8 activations: max |logprob error| {worst:.2e} over {compared} greedy tokens")
+    assert compared >= 16 and 0 < worst < 5e-2

@@ -102,3 +102,58 @@ def test_nf4_blocks_spanning_rows_fall_back_and_say_why():
         assert "nf4 blocks of 64 span rows of 96" in lin.path
     x = torch.randn(1, 96)
     torch.testing.assert_close(lin(x), F.linear(x, P.dequantize_nf4(*parts[0])))
+
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (1, k) rounded to int8 codes per 32 columns, d = max|x| / 127, returned as d * code (what the kernel sees)."""
+    blocks = x.view(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    codes = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), torch.zeros_like(blocks))
+    assert codes.abs().max() <= 127
+    return (codes * d).view_as(x)
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order,k", [(4, 32, True, False, 128), (4, 128, False, False, 256),
+                                                          (4, 64, False, True, 128), (3, None, False, False, 96)])
+def test_q4_int8_activation_kernel_matches_its_reference(bits, group, sym, act_order, k, monkeypatch):
+    """LMFORGE_Q4_ACTIVATIONS=int8: one row of x rounded to int8 per 32 columns, the zero-point term on the exact
+    x; equal to that reference up to float summation order, and within the rounding's bound of the exact result."""
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip(f"no C kernels here: {kernels.status()}")
+    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "int8")
+    torch.manual_seed(3)
+    w = torch.randn(48, k)
+    q, s, z = P.quantize_rtn(w, bits, group, sym=sym, min_zero=0 if sym else 1)
+    g = torch.arange(k) // (group or k)
+    if act_order:
+        perm = torch.randperm(k)
+        q, g = q[:, perm], g[perm]
+    lin = LowbitLinear(lib, q, s, z, g, bits)
+    assert lin.int8_activations and "int8-activation" in lin.path
+    x, bias = torch.randn(1, k) * 3, torch.randn(48)
+    x[0, :32] = 0.0  # an all-zero block: scale 0, codes 0
+    qs = q.float() * s[:, g]  # (N, K) the integer part, scaled
+    off = -z[:, g].float() * s[:, g]  # (N, K) the zero-point part
+    xp = x if lin.perm is None else x[:, lin.perm]
+    x_hat = _int8_blocks(xp)
+    x_hat = x_hat if lin.perm is None else x_hat[:, torch.argsort(lin.perm)]
+    ref = F.linear(x_hat, qs) + F.linear(x, off) + bias
+    got = lin(x, bias)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-4)
+    exact = F.linear(x, P.dequantize_groups(q, s, z, g), bias)
+    assert (got - exact).abs().max() > 1e-5  # it really rounded the activations ...
+    bound = (qs.abs() @ ((x - x_hat).abs()[0])).max()  # ... and by no more than the rounding allows
+    assert (got - exact).abs().max() <= bound + 1e-3
+    assert lin(torch.randn(3, k), bias).shape == (3, 48)  # more rows: the fp32 kernel
+
+
+def test_q4_activations_setting_is_checked(monkeypatch):
+    from lifecycle.errors import ConfigError
+    from quant.linear import q4_int8_activations
+
+    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "int4")
+    with pytest.raises(ConfigError, match="LMFORGE_Q4_ACTIVATIONS='int4'"):
+        q4_int8_activations()
+    monkeypatch.delenv("LMFORGE_Q4_ACTIVATIONS")
+    assert not q4_int8_activations()
