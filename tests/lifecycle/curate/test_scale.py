@@ -105,3 +105,34 @@ def test_scale_corpus_streams_planted_duplicates(shared_data, tmp_path):
     assert counts["planted_near"] > 50 and counts["planted_exact"] > 50
     assert len(set(texts)) > 0.95 * len(texts)  # originals do not repeat (exact copies change case/punctuation)
     assert scale_corpus(shared_data, tmp_path / "again.jsonl", 2, near_rate=0.1, exact_rate=0.1) == counts
+
+
+def test_input_beyond_workers_times_task_mb_runs_as_more_tasks_with_the_same_output(tmp_path):
+    from lifecycle.data.curate.cli import curate
+    from lifecycle.data.curate.config import CurateConfig, LangIdConfig, QualityConfig
+    from lifecycle.data.curate.pipeline import num_tasks
+
+    from .conftest import chinese_doc
+
+    rng = random.Random(11)
+    docs = [english_doc(rng, 12) if i % 3 else chinese_doc(rng, 6) for i in range(2600)]
+    docs += docs[:40]  # exact duplicates across the task boundaries
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8")
+    assert 2_000_000 < src.stat().st_size < 3_000_000
+
+    def run(name: str, task_mb: int):
+        config = CurateConfig(inputs=(str(src),), output_dir=str(tmp_path / name), task_mb=task_mb,
+                              langid=LangIdConfig(enabled=False), quality=QualityConfig(enabled=False))
+        manifest, _ = curate(config, show_progress=False)
+        texts = sorted(json.loads(ln)["text"] for p in (tmp_path / name / "data").glob("*.jsonl")
+                       for ln in p.read_text(encoding="utf-8").splitlines())
+        return num_tasks(config, {str(src): "in"}), manifest, texts
+
+    tasks_one, manifest_one, texts_one = run("one", 256)
+    tasks_three, manifest_three, texts_three = run("three", 1)
+    assert (tasks_one, tasks_three) == (1, 3)
+    assert len(list((tmp_path / "three" / "work" / "logs" / "filter" / "completions").iterdir())) == 3
+    assert manifest_three.extra["curate"]["read"]["documents"] == len(docs)
+    assert manifest_three.removed == manifest_one.removed and manifest_one.removed["dedup_exact/exact_duplicate"] >= 40
+    assert texts_three == texts_one
