@@ -209,7 +209,7 @@ def _stock_pipeline(src: Path, out: Path) -> None:
             return  # the filters kept nothing: datatrove's readers refuse an empty folder
 
 
-def _run_measured(src: Path, out: Path, workers: int) -> dict[str, Any]:
+def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """`lmforge curate run src -o out --workers N` in a child process, its process tree's memory sampled
     (rss.TreeSampler) while it runs; also the child's own ru_maxrss and the largest reaped worker's
     (RUSAGE_CHILDREN), and the wall seconds."""
@@ -220,7 +220,7 @@ def _run_measured(src: Path, out: Path, workers: int) -> dict[str, Any]:
             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out),
-                             "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--workers", str(workers), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = TreeSampler(proc.pid)
     sampler.start()
     stdout, stderr = proc.communicate()
@@ -245,18 +245,19 @@ def _dir_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6, 1)
 
 
-def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1,
-                 small_mb: float | None = None) -> dict[str, Any]:
+def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small_mb: float | None = None,
+                 curate_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Peak memory and speed of the default pipeline on a generated input of `small_mb` (default size_mb / 4)
     and of `size_mb` MB (bench_data.scale_corpus: English and Chinese, planted near and exact duplicates; one
     file, cut into byte ranges for several workers). Bounded memory means the larger run's peak is not larger
     by anything like the extra input. MB/s per core is MB/s / workers (wall-clock: it depends on load).
-    Each input and output is deleted once measured (a multi-GB run leaves nothing behind)."""
+    Each input and output is deleted once measured (a multi-GB run leaves nothing behind). `curate_args` are
+    added to the `lmforge curate run` command line (e.g. --disable langid --task-mb 128)."""
     import shutil
 
     from lifecycle.data.curate.bench_data import scale_corpus
 
-    result: dict[str, Any] = {"workers": workers}
+    result: dict[str, Any] = {"workers": workers, "curate_args": list(curate_args)}
     small = small_mb if small_mb is not None else max(1.0, size_mb / 4)
     for label, mb in (("small", small), ("large", size_mb)):
         src, out = work / f"mem_{label}" / "input.jsonl", work / f"mem_{label}_out"
@@ -265,18 +266,19 @@ def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1,
         generate_s = time.perf_counter() - start
         input_mb, docs = src.stat().st_size / 1e6, generated["documents"]
         src_dir = src.parent
-        rss = _run_measured(src, out, workers)
+        rss = _run_measured(src, out, workers, curate_args)
         seconds = rss.pop("seconds")
         result[label] = {"input_mb": round(input_mb, 1), "documents": docs, "generated": generated,
                          "generate_seconds": round(generate_s, 1), "peak_rss_mb": rss["peak_mb"],
-                         "tree_rss_mb": rss["tree"]["rss_mb"], "tree_anon_mb": rss["tree"]["anon_mb"], "rss": rss,
+                         "tree_rss_mb": rss["tree"]["rss_mb"], "tree_anon_mb": rss["tree"]["anon_mb"],
+                         "tree_pss_mb": rss["tree"]["pss_mb"], "rss": rss,
                          "seconds": round(seconds, 1), "mb_per_s": round(input_mb / seconds, 3),
                          "mb_per_s_per_core": round(input_mb / seconds / workers, 3),
                          "docs_per_s": round(docs / seconds, 1), "outcome": _outcome(out),
                          "disk_mb": {"output": _dir_mb(out) - _dir_mb(out / "work"), "work": _dir_mb(out / "work")}}
         shutil.rmtree(src_dir)  # a multi-GB input and its outputs need not stay on disk
         shutil.rmtree(out)
-    for key in ("peak_rss_mb", "tree_rss_mb", "tree_anon_mb"):
+    for key in ("peak_rss_mb", "tree_rss_mb", "tree_anon_mb", "tree_pss_mb"):
         result[f"{key.removesuffix('_mb')}_growth_mb"] = round(result["large"][key] - result["small"][key], 1)
     result["rss_growth_mb"] = result["peak_rss_growth_mb"]
     result["input_growth_mb"] = round(result["large"]["input_mb"] - result["small"]["input_mb"], 1)
@@ -285,7 +287,7 @@ def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1,
 
 def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memory_mb: float = 100,
               max_docs: int | None = None, workers: int = 1, memory_small_mb: float | None = None,
-              work_dir: str | None = None, rounds: int = 3) -> dict[str, Any]:
+              work_dir: str | None = None, rounds: int = 3, curate_args: tuple[str, ...] = ()) -> dict[str, Any]:
     from lifecycle.data.curate.pipeline import quiet_datatrove
 
     root = Path(data_root)
@@ -311,7 +313,8 @@ def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memor
             elif part == "throughput":
                 result["throughput"] = bench_throughput(root, work, max_docs, rounds)
             elif part == "memory":
-                result["memory"] = bench_memory(root, work, memory_mb, workers, memory_small_mb)
+                result["memory"] = bench_memory(root, work, memory_mb, workers, memory_small_mb,
+                                                curate_args)
             result.setdefault("seconds", {})[part] = round(time.perf_counter() - start, 1)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -356,13 +359,14 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += ["", f"lmforge / stock speed (CPU time): {t['speed_ratio_median']} (rounds: "
                   f"{t['speed_ratio_per_round']})", ""]
     if m := r.get("memory"):
-        lines += [f"## Memory and speed (default pipeline, {m['workers']} worker(s), one input file)", "",
-                  "| input | documents | peak tree RSS (anon) | largest process | MB/s | MB/s per core | docs/s "
-                  "| written | wall s |", "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['tree_rss_mb']} MB ({v['tree_anon_mb']} MB) | "
+        lines += [f"## Memory and speed ({' '.join(m.get('curate_args', [])) or 'default pipeline'}, {m['workers']} "
+                  "worker(s), one input file)", "",
+                  "| input | documents | peak tree PSS | tree RSS (anon) | largest process | MB/s | MB/s per core | docs/s "
+                  "| written | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['tree_pss_mb']} MB | {v['tree_rss_mb']} MB ({v['tree_anon_mb']} MB) | "
                   f"{v['rss']['tree']['largest_process_mb']} MB | {v['mb_per_s']} | {v['mb_per_s_per_core']} | "
                   f"{v['docs_per_s']} | {v['outcome']['written']} | {v['seconds']} |" for v in (m["small"], m["large"])]
-        lines += ["", f"Peak tree RSS grew {m['tree_rss_growth_mb']} MB (anonymous {m['tree_anon_growth_mb']} MB) for "
+        lines += ["", f"Peak tree PSS grew {m['tree_pss_growth_mb']} MB, RSS {m['tree_rss_growth_mb']} MB (anonymous {m['tree_anon_growth_mb']} MB) for "
                   f"{m['input_growth_mb']} MB more input.", ""]
     return "\n".join(lines)
 
@@ -381,6 +385,8 @@ def add_bench_action(actions: Any) -> None:
                         "part (bench_data.scale_corpus: en + zh with planted duplicates; never kept)")
     parser.add_argument("--memory-small-mb", type=float, help="size (MB) of the smaller input it is compared with "
                         "(default: --memory-mb / 4)")
+    parser.add_argument("--curate-arg", action="append", default=[], help="memory part: an argument added to its "
+                        "`lmforge curate run` (repeatable; e.g. --curate-arg=--disable --curate-arg=langid)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the throughput part")
     parser.add_argument("--work-dir", help="where the generated inputs and runs go (default: the system temp "
                         "dir); removed afterwards")
@@ -391,7 +397,7 @@ def add_bench_action(actions: Any) -> None:
     def _run(args: Any) -> int:
         result = run_bench(args.data_root, args.output, tuple(p for p in args.parts.split(",") if p),
                            args.memory_mb, args.max_docs, args.workers, args.memory_small_mb, args.work_dir,
-                           args.rounds)
+                           args.rounds, tuple(args.curate_arg))
         print(to_markdown(result))
         print(f"wrote {args.output}")
         return 0

@@ -7,9 +7,11 @@ waited for) says what the run held at once. `TreeSampler` walks the tree under o
 
 - rss_mb:  the sum of VmRSS over the tree. It over-counts pages that forked workers share with the
            main process (copy-on-write: each process reports them), so it is an upper bound;
-- anon_mb: the sum of RssAnon: private heap memory, the part that cannot be dropped under pressure
-           (RssFile, pages of memory-mapped files such as the MinHash signatures, is page cache the
-           kernel reclaims);
+- anon_mb: the sum of RssAnon: heap memory, the part that cannot be dropped under pressure (RssFile,
+           pages of memory-mapped files such as the MinHash signatures, is page cache the kernel reclaims);
+           also over-counts what forked workers still share with their parent;
+- pss_mb:  the sum of Pss (smaps_rollup): each shared page divided among the processes sharing it, so
+           this is what the tree holds at once, with nothing counted twice;
 - largest_process_mb: the largest VmHWM (a process's own peak RSS, kept by the kernel, so it is exact
            even between samples);
 - processes: the most processes seen at once.
@@ -53,16 +55,17 @@ def process_tree(root: int) -> list[int]:
 
 
 def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon, RssFile, VmHWM of one process in KiB ({} once it has exited)."""
-    try:
-        lines = (PROC / str(pid) / "status").read_text().splitlines()
-    except OSError:
-        return {}
+    """VmRSS, RssAnon, RssFile, VmHWM and Pss of one process in KiB ({} once it has exited)."""
     out = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            out[key] = int(value.split()[0])
+    for name, keys in (("status", ("VmRSS", "RssAnon", "RssFile", "VmHWM")), ("smaps_rollup", ("Pss",))):
+        try:
+            lines = (PROC / str(pid) / name).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0])
     return out
 
 
@@ -74,18 +77,20 @@ class TreeSampler(threading.Thread):
         self.pid, self.interval = pid, interval
         self._stop_event = threading.Event()
         self.samples = 0
-        self._peak = {"rss_mb": 0.0, "anon_mb": 0.0, "largest_process_mb": 0.0, "processes": 0}
+        self._peak = {"rss_mb": 0.0, "anon_mb": 0.0, "pss_mb": 0.0, "largest_process_mb": 0.0, "processes": 0}
 
     def sample(self) -> None:
-        rss = anon = 0
+        rss = anon = pss = 0
         pids = process_tree(self.pid) if os.path.exists(PROC / str(self.pid)) else []
         for pid in pids:
             m = memory_kb(pid)
             rss += m.get("VmRSS", 0)
             anon += m.get("RssAnon", 0)
+            pss += m.get("Pss", 0)
             self._peak["largest_process_mb"] = max(self._peak["largest_process_mb"], m.get("VmHWM", 0) / 1024)
         self._peak["rss_mb"] = max(self._peak["rss_mb"], rss / 1024)
         self._peak["anon_mb"] = max(self._peak["anon_mb"], anon / 1024)
+        self._peak["pss_mb"] = max(self._peak["pss_mb"], pss / 1024)
         self._peak["processes"] = max(self._peak["processes"], len(pids))
         self.samples += 1
 

@@ -90,6 +90,7 @@ def test_tree_sampler_sees_forked_children():
         os.waitpid(child, 0)
     assert peaks["processes"] >= 2 and peaks["samples"] >= 3
     assert peaks["anon_mb"] >= 60 and peaks["rss_mb"] >= peaks["anon_mb"]
+    assert 60 <= peaks["pss_mb"] <= peaks["rss_mb"]  # shared pages counted once
 
 
 @pytest.mark.shared_data
