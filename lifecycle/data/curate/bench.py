@@ -10,11 +10,14 @@ Parts (`--parts`, all by default):
   true span with the right type) and on a Chinese set built here; false positives per type on clean
   text (WikiText-2, Chinese text) that has no PII of these kinds.
 - langid: accuracy on lingua's sentences (>= 50 characters) for en/zh/de/fr/es/ja/ru.
-- throughput: documents/s and MB/s on one core for the default pipeline, next to the same rules built
-  from datatrove's stock blocks only (its Gopher/C4/FineWeb filters, PIIFormatter, MinHash with word
-  5-grams, exact dedup; no language id: datatrove's needs a fastText download), one after the other.
-- memory: peak RSS (main process and largest worker), MB/s and MB/s per core of the default pipeline on
-  generated inputs of `--memory-mb` / 4 and `--memory-mb` MB, `--workers` processes, in a child process.
+- throughput: documents and MB per CPU-second on one core for the default pipeline, next to the same rules
+  built from datatrove's stock blocks only (its Gopher/C4/FineWeb filters, PIIFormatter, MinHash with word
+  5-grams, exact dedup; no language id: datatrove's needs a fastText download), both in one process,
+  interleaved over `--rounds` rounds, medians of time.process_time (robust to other processes' load).
+- memory: peak memory of the whole process tree (sampled from /proc: summed RSS, summed anonymous RSS,
+  largest process), MB/s, MB/s per core, docs/s and the output counts of the default pipeline on generated
+  inputs (bench_data.scale_corpus) of `--memory-small-mb` (default `--memory-mb` / 4) and `--memory-mb` MB,
+  `--workers` processes, in a child process (run it under `nice`; inputs and outputs are deleted after).
 Accuracy parts do not depend on machine load; throughput and memory do (run them on a quiet machine).
 """
 
@@ -117,26 +120,56 @@ def bench_langid(root: Path) -> dict[str, Any]:
             "candidates": list(LangIdConfig().candidates)}
 
 
-def bench_throughput(root: Path, work: Path, max_docs: int | None = None) -> dict[str, Any]:
+def bench_throughput(root: Path, work: Path, max_docs: int | None = None, rounds: int = 3) -> dict[str, Any]:
+    """Both pipelines in this process on the same input, interleaved (round r runs lmforge then stock, or stock
+    then lmforge when r is odd), timed with time.process_time: this process's CPU seconds, which other
+    processes' load hardly moves (wall seconds are reported too, and do move). One worker, so datatrove's
+    executor runs every task in this process. Imports and lingua's models are loaded before the first round.
+    Each leg starts with a cold spaCy tokenizer (datatrove caches one per language per process, and our
+    quality block warms the one it is handed: left shared, the stock leg would inherit our warm-up)."""
+    import shutil
+    import statistics
+
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
     from lifecycle.data.curate.bench_data import chinese_texts, wikitext_paragraphs
     from lifecycle.data.curate.cli import curate
     from lifecycle.data.curate.config import CurateConfig
 
-    docs = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
-    docs = docs[:max_docs] if max_docs else docs
+    every = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
+    docs = every[:max_docs] if max_docs else every
     src = work / "tp_in" / "corpus.jsonl"
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8")
     mb = src.stat().st_size / 1e6
-    start = time.perf_counter()
-    curate(CurateConfig(inputs=(str(src),), output_dir=str(work / "tp_ours")), show_progress=False)
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    _stock_pipeline(src, work / "tp_stock")
-    stock_s = time.perf_counter() - start
-    return {"documents": len(docs), "mb": round(mb, 3), "workers": 1,
-            "lmforge": {"seconds": ours_s, "docs_per_s": len(docs) / ours_s, "mb_per_s": mb / ours_s},
-            "datatrove_stock": {"seconds": stock_s, "docs_per_s": len(docs) / stock_s, "mb_per_s": mb / stock_s}}
+    warm = work / "tp_warm.jsonl"  # imports, lingua's models, matplotlib: once, untimed
+    warm.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in
+                    [d for d in every if len(d) > 1000][:40]), encoding="utf-8")  # long: stock's filters keep some
+    curate(CurateConfig(inputs=(str(warm),), output_dir=str(work / "tp_warm_ours")), show_progress=False)
+    _stock_pipeline(warm, work / "tp_warm_stock")
+    legs = {"lmforge": lambda out: curate(CurateConfig(inputs=(str(src),), output_dir=str(out)), show_progress=False),
+            "datatrove_stock": lambda out: _stock_pipeline(src, out)}
+    cpu: dict[str, list[float]] = {name: [] for name in legs}
+    wall: dict[str, list[float]] = {name: [] for name in legs}
+    for r in range(rounds):
+        for name in (list(legs) if r % 2 == 0 else list(reversed(legs))):
+            out = work / f"tp_{name}_{r}"
+            load_word_tokenizer.cache_clear()
+            c0, w0 = time.process_time(), time.perf_counter()
+            legs[name](out)
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+            shutil.rmtree(out)
+    ratios = [s / o for s, o in zip(cpu["datatrove_stock"], cpu["lmforge"])]  # lmforge's speed / stock's
+    result: dict[str, Any] = {"documents": len(docs), "mb": round(mb, 3), "workers": 1, "rounds": rounds,
+                              "speed_ratio_per_round": [round(x, 3) for x in ratios],
+                              "speed_ratio_median": round(statistics.median(ratios), 3)}
+    for name in legs:
+        c, w = statistics.median(cpu[name]), statistics.median(wall[name])
+        result[name] = {"cpu_seconds": [round(x, 2) for x in cpu[name]], "wall_seconds": [round(x, 2) for x in wall[name]],
+                        "docs_per_cpu_s": round(len(docs) / c, 1), "mb_per_cpu_s": round(mb / c, 4),
+                        "docs_per_s": round(len(docs) / w, 1), "mb_per_s": round(mb / w, 4)}
+    return result
 
 
 def _stock_pipeline(src: Path, out: Path) -> None:
@@ -172,66 +205,89 @@ def _stock_pipeline(src: Path, out: Path) -> None:
         if stage == "buckets":
             stage, tasks = [MinhashDedupBuckets(str(out / "msig"), str(out / "mbuck"), config=mh)], mh.num_buckets
         LocalPipelineExecutor(stage, tasks=tasks, workers=1, logging_dir=str(out / "logs" / str(i))).run()
+        if i in (0, 2) and not any((out / ("filtered" if i == 0 else "exact")).glob("*.jsonl*")):
+            return  # the filters kept nothing: datatrove's readers refuse an empty folder
 
 
-def _write_input(path: Path, base: list[str], size_mb: float) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = i = 0
-    with open(path, "w", encoding="utf-8") as fh:
-        while written < size_mb * 1e6:
-            # a counter in every document keeps them distinct, so dedup does not shrink the stream
-            line = json.dumps({"text": f"{base[i % len(base)]} [{i}]"}, ensure_ascii=False) + "\n"
-            fh.write(line)
-            written += len(line.encode("utf-8"))
-            i += 1
-    return i
+def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`lmforge curate run src -o out --workers N` in a child process, its process tree's memory sampled
+    (rss.TreeSampler) while it runs; also the child's own ru_maxrss and the largest reaped worker's
+    (RUSAGE_CHILDREN), and the wall seconds."""
+    from lifecycle.data.curate.rss import TreeSampler
 
-
-def _peak_rss_mb(src: Path, out: Path, workers: int = 1) -> dict[str, float]:
-    """Peak RSS (MB) of `lmforge curate run src -o out --workers N` in a child process: its own ru_maxrss and
-    the largest of its worker processes' (RUSAGE_CHILDREN: datatrove's pool workers, waited for at the end of
-    each stage), and the wall seconds."""
     code = ("import resource, sys; from lifecycle.cli import main; rc = main(sys.argv[1:]); "
             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out),
-                           "--workers", str(workers)], capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out),
+                             "--workers", str(workers), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    tree = sampler.stop()
     seconds = time.perf_counter() - start
     if proc.returncode:
-        raise ConfigError(f"memory run failed: {proc.stderr[-2000:]}")
-    main_kb, worker_kb = map(int, next(ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")).split()[1:])
+        raise ConfigError(f"memory run failed: {stderr[-2000:]}")
+    main_kb, worker_kb = map(int, next(ln for ln in stdout.splitlines() if ln.startswith("PEAK")).split()[1:])
     # ru_maxrss is in KiB on Linux
     return {"main_mb": round(main_kb / 1024, 1), "largest_worker_mb": round(worker_kb / 1024, 1),
-            "peak_mb": round(max(main_kb, worker_kb) / 1024, 1), "seconds": seconds}
+            "peak_mb": round(max(main_kb, worker_kb) / 1024, 1), "tree": tree, "seconds": seconds}
 
 
-def bench_memory(root: Path, work: Path, size_mb: int, workers: int = 1) -> dict[str, Any]:
-    """Peak RSS and speed of the default pipeline on a generated input of size_mb / 4 MB and of size_mb MB (one
-    file: with several workers it is split into byte ranges). Bounded memory means the larger run's peak is not
-    larger by anything like the extra input; MB/s per core is MB/s / workers."""
-    from lifecycle.data.curate.bench_data import chinese_texts, wikitext_paragraphs
+def _outcome(out: Path) -> dict[str, Any]:
+    """What the run read, wrote and removed (per block/reason), from its manifest."""
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    return {"read": manifest["extra"]["curate"]["read"]["documents"], "written": manifest["num_documents"],
+            "removed": manifest.get("removed", {})}
 
-    base = wikitext_paragraphs(root, min_chars=1) + chinese_texts(root, min_chars=1)
-    result: dict[str, Any] = {"workers": workers}
-    for label, mb in (("small", max(1, size_mb // 4)), ("large", size_mb)):
-        src = work / f"mem_{label}" / "input.jsonl"
-        docs = _write_input(src, base, mb)
-        input_mb = src.stat().st_size / 1e6
-        rss = _peak_rss_mb(src, work / f"mem_{label}_out", workers)
+
+def _dir_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6, 1)
+
+
+def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small_mb: float | None = None,
+                 curate_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Peak memory and speed of the default pipeline on a generated input of `small_mb` (default size_mb / 4)
+    and of `size_mb` MB (bench_data.scale_corpus: English and Chinese, planted near and exact duplicates; one
+    file, cut into byte ranges for several workers). Bounded memory means the larger run's peak is not larger
+    by anything like the extra input. MB/s per core is MB/s / workers (wall-clock: it depends on load).
+    Each input and output is deleted once measured (a multi-GB run leaves nothing behind). `curate_args` are
+    added to the `lmforge curate run` command line (e.g. --disable langid --task-mb 128)."""
+    import shutil
+
+    from lifecycle.data.curate.bench_data import scale_corpus
+
+    result: dict[str, Any] = {"workers": workers, "curate_args": list(curate_args)}
+    small = small_mb if small_mb is not None else max(1.0, size_mb / 4)
+    for label, mb in (("small", small), ("large", size_mb)):
+        src, out = work / f"mem_{label}" / "input.jsonl", work / f"mem_{label}_out"
+        start = time.perf_counter()
+        generated = scale_corpus(root, src, mb)
+        generate_s = time.perf_counter() - start
+        input_mb, docs = src.stat().st_size / 1e6, generated["documents"]
+        src_dir = src.parent
+        rss = _run_measured(src, out, workers, curate_args)
         seconds = rss.pop("seconds")
-        result[label] = {"input_mb": round(input_mb, 1), "documents": docs, "peak_rss_mb": rss["peak_mb"],
-                         "rss": rss, "seconds": round(seconds, 1), "mb_per_s": round(input_mb / seconds, 3),
+        result[label] = {"input_mb": round(input_mb, 1), "documents": docs, "generated": generated,
+                         "generate_seconds": round(generate_s, 1), "peak_rss_mb": rss["peak_mb"],
+                         "tree_rss_mb": rss["tree"]["rss_mb"], "tree_anon_mb": rss["tree"]["anon_mb"],
+                         "tree_pss_mb": rss["tree"]["pss_mb"], "rss": rss,
+                         "seconds": round(seconds, 1), "mb_per_s": round(input_mb / seconds, 3),
                          "mb_per_s_per_core": round(input_mb / seconds / workers, 3),
-                         "docs_per_s": round(docs / seconds, 1)}
-        src.unlink()  # a multi-GB input need not stay on disk beside the output
-    result["rss_growth_mb"] = round(result["large"]["peak_rss_mb"] - result["small"]["peak_rss_mb"], 1)
+                         "docs_per_s": round(docs / seconds, 1), "outcome": _outcome(out),
+                         "disk_mb": {"output": _dir_mb(out) - _dir_mb(out / "work"), "work": _dir_mb(out / "work")}}
+        shutil.rmtree(src_dir)  # a multi-GB input and its outputs need not stay on disk
+        shutil.rmtree(out)
+    for key in ("peak_rss_mb", "tree_rss_mb", "tree_anon_mb", "tree_pss_mb"):
+        result[f"{key.removesuffix('_mb')}_growth_mb"] = round(result["large"][key] - result["small"][key], 1)
+    result["rss_growth_mb"] = result["peak_rss_growth_mb"]
     result["input_growth_mb"] = round(result["large"]["input_mb"] - result["small"]["input_mb"], 1)
     return result
 
 
-def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memory_mb: int = 100,
-              max_docs: int | None = None, workers: int = 1) -> dict[str, Any]:
+def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memory_mb: float = 100,
+              max_docs: int | None = None, workers: int = 1, memory_small_mb: float | None = None,
+              work_dir: str | None = None, rounds: int = 3, curate_args: tuple[str, ...] = ()) -> dict[str, Any]:
     from lifecycle.data.curate.pipeline import quiet_datatrove
 
     root = Path(data_root)
@@ -242,7 +298,9 @@ def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memor
     quiet_datatrove()
     result: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpu": platform.processor(),
                                           "platform": platform.platform()}}
-    with tempfile.TemporaryDirectory(prefix="lmforge-bench-curate-") as tmp:
+    if work_dir:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-curate-", dir=work_dir) as tmp:
         work = Path(tmp)
         for part in parts:
             start = time.perf_counter()
@@ -253,9 +311,10 @@ def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memor
             elif part == "langid":
                 result["langid"] = bench_langid(root)
             elif part == "throughput":
-                result["throughput"] = bench_throughput(root, work, max_docs)
+                result["throughput"] = bench_throughput(root, work, max_docs, rounds)
             elif part == "memory":
-                result["memory"] = bench_memory(root, work, memory_mb, workers)
+                result["memory"] = bench_memory(root, work, memory_mb, workers, memory_small_mb,
+                                                curate_args)
             result.setdefault("seconds", {})[part] = round(time.perf_counter() - start, 1)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,18 +350,24 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += [f"| {k} | {v:.4f} | {lg['sentences'][k]} |" for k, v in lg["per_language"].items()]
         lines.append("")
     if t := r.get("throughput"):
-        lines += ["## Throughput (1 worker)", "", "| pipeline | docs/s | MB/s (per core: 1 worker) |", "|---|---|---|"]
+        lines += [f"## Throughput (1 worker, one process, {t['rounds']} interleaved rounds, medians)", "",
+                  "| pipeline | docs per CPU-s | MB per CPU-s | CPU s per round | docs/s (wall) |", "|---|---|---|---|---|"]
         for name in ("lmforge", "datatrove_stock"):
-            lines.append(f"| {name} | {t[name]['docs_per_s']:.1f} | {t[name]['mb_per_s']:.3f} |")
-        lines.append("")
+            v = t[name]
+            lines.append(f"| {name} | {v['docs_per_cpu_s']} | {v['mb_per_cpu_s']} | {v['cpu_seconds']} | "
+                         f"{v['docs_per_s']} |")
+        lines += ["", f"lmforge / stock speed (CPU time): {t['speed_ratio_median']} (rounds: "
+                  f"{t['speed_ratio_per_round']})", ""]
     if m := r.get("memory"):
-        lines += [f"## Memory and speed (default pipeline, {m['workers']} worker(s), one input file)", "",
-                  "| input | documents | peak RSS (main / largest worker) | MB/s | MB/s per core | docs/s |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['peak_rss_mb']} MB ({v['rss']['main_mb']} / "
-                  f"{v['rss']['largest_worker_mb']}) | {v['mb_per_s']} | {v['mb_per_s_per_core']} | {v['docs_per_s']} |"
-                  for v in (m["small"], m["large"])]
-        lines += ["", f"Peak RSS grew {m['rss_growth_mb']} MB for {m['input_growth_mb']} MB more input.", ""]
+        lines += [f"## Memory and speed ({' '.join(m.get('curate_args', [])) or 'default pipeline'}, {m['workers']} "
+                  "worker(s), one input file)", "",
+                  "| input | documents | peak tree PSS | tree RSS (anon) | largest process | MB/s | MB/s per core | docs/s "
+                  "| written | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['tree_pss_mb']} MB | {v['tree_rss_mb']} MB ({v['tree_anon_mb']} MB) | "
+                  f"{v['rss']['tree']['largest_process_mb']} MB | {v['mb_per_s']} | {v['mb_per_s_per_core']} | "
+                  f"{v['docs_per_s']} | {v['outcome']['written']} | {v['seconds']} |" for v in (m["small"], m["large"])]
+        lines += ["", f"Peak tree PSS grew {m['tree_pss_growth_mb']} MB, RSS {m['tree_rss_growth_mb']} MB (anonymous {m['tree_anon_growth_mb']} MB) for "
+                  f"{m['input_growth_mb']} MB more input.", ""]
     return "\n".join(lines)
 
 
@@ -316,14 +381,23 @@ def add_bench_action(actions: Any) -> None:
     parser.add_argument("--data-root", default="../shared/data", help="the shared datasets (default ../shared/data)")
     parser.add_argument("--output", default="runs/bench/curate.json", help="JSON report (markdown beside it)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    parser.add_argument("--memory-mb", type=int, default=100, help="size of the generated input for the memory part")
+    parser.add_argument("--memory-mb", type=float, default=100, help="size (MB) of the generated input for the memory "
+                        "part (bench_data.scale_corpus: en + zh with planted duplicates; never kept)")
+    parser.add_argument("--memory-small-mb", type=float, help="size (MB) of the smaller input it is compared with "
+                        "(default: --memory-mb / 4)")
+    parser.add_argument("--curate-arg", action="append", default=[], help="memory part: an argument added to its "
+                        "`lmforge curate run` (repeatable; e.g. --curate-arg=--disable --curate-arg=langid)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the throughput part")
+    parser.add_argument("--work-dir", help="where the generated inputs and runs go (default: the system temp "
+                        "dir); removed afterwards")
     parser.add_argument("--max-docs", type=int, help="cap documents per language (quick runs)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes for the memory part (its MB/s per "
                         "core divides by this)")
 
     def _run(args: Any) -> int:
         result = run_bench(args.data_root, args.output, tuple(p for p in args.parts.split(",") if p),
-                           args.memory_mb, args.max_docs, args.workers)
+                           args.memory_mb, args.max_docs, args.workers, args.memory_small_mb, args.work_dir,
+                           args.rounds, tuple(args.curate_arg))
         print(to_markdown(result))
         print(f"wrote {args.output}")
         return 0

@@ -170,3 +170,51 @@ def langid_sentences(root: Path, min_chars: int = 50) -> list[tuple[str, str]]:
         path = root / "misc/langid/lingua-sentences" / f"{lang}.txt"
         out += [(lang, ln.strip()) for ln in path.read_text(encoding="utf-8").splitlines() if len(ln.strip()) >= min_chars]
     return out
+
+
+def sentence_pools(root: Path) -> tuple[list[str], list[str]]:
+    """English sentences (WikiText-2 valid + test) and Chinese ones (lingua's zh, chinese-poetry), >= 20 chars."""
+    en = [s for p in wikitext_paragraphs(root, min_chars=1) for s in re.split(r"(?<=[.!?]) +", p) if len(s) >= 20]
+    zh = [s for p in chinese_texts(root, min_chars=1) for s in re.split(r"(?<=[。！？])", p) if len(s) >= 20 // 3]
+    return en, zh
+
+
+def scale_corpus(root: Path, path: Path, size_mb: float, *, seed: int = 0, zh_share: float = 0.3,
+                 near_rate: float = 0.03, exact_rate: float = 0.02, recent: int = 2000) -> dict:
+    """Streams a jsonl of about `size_mb` MB (1e6 bytes) for the memory benchmark; returns its counts.
+
+    Each original document is 4-12 sentences drawn at random from the pools (English, or Chinese with
+    probability `zh_share`): real text, and with ~10^4 sentences per pool two documents share almost nothing,
+    so the corpus does not collapse under dedup however large it is. After an original, with probability
+    `near_rate` a near copy (a random 5-15% of words / characters replaced) and with `exact_rate` an exact
+    copy (upper case, punctuation changed) of one of the last `recent` originals is written too. Only that
+    window is held, so the generator's memory does not grow with size_mb."""
+    from collections import deque
+
+    rng = random.Random(seed)
+    en, zh = sentence_pools(root)
+    en_words = sorted({w for s in en[:5000] for w in s.split() if w.isalpha()})
+    zh_chars = sorted({c for s in zh[:5000] for c in s if "\u4e00" <= c <= "\u9fff"})
+    window: deque[tuple[str, bool]] = deque(maxlen=recent)
+    counts = Counter()
+    written, limit = 0, size_mb * 1e6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        while written < limit:
+            is_zh = rng.random() < zh_share
+            picked = rng.choices(zh if is_zh else en, k=rng.randint(4, 12))
+            rows = [("".join if is_zh else " ".join)(picked)]
+            window.append((rows[0], is_zh))
+            counts["original_zh" if is_zh else "original_en"] += 1
+            if rng.random() < near_rate:
+                text, by_chars = rng.choice(window)
+                rows.append(_edit(text, rng, rng.uniform(0.05, 0.15), zh_chars if by_chars else en_words, by_chars))
+                counts["planted_near"] += 1
+            if rng.random() < exact_rate:
+                rows.append(re.sub(r"[.,，。]", "!", rng.choice(window)[0].upper()))
+                counts["planted_exact"] += 1
+            chunk = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows)
+            fh.write(chunk)
+            written += len(chunk.encode("utf-8"))
+    counts["documents"] = sum(v for k, v in counts.items() if k != "documents")
+    return dict(counts) | {"bytes": path.stat().st_size, "pool_sentences_en": len(en), "pool_sentences_zh": len(zh)}

@@ -29,7 +29,7 @@ def config_from_args(args: argparse.Namespace):
             raise ConfigError(f"--config {args.config}: {err}") from None
     if args.inputs:
         raw["inputs"] = list(args.inputs)
-    for key in ("output_dir", "workers", "executor", "text_field", "txt_mode"):
+    for key in ("output_dir", "workers", "task_mb", "executor", "text_field", "txt_mode"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
 
@@ -128,7 +128,9 @@ def add_command(sub: Any) -> None:
     run.add_argument("-o", "--output-dir", help="output directory (default: curated)")
     run.add_argument("--config", help="YAML with sections langid, clean, quality, perplexity, classifier, pii, "
                                       "dedup, decontam, mix, pack (lifecycle/data/curate/config.py)")
-    run.add_argument("--workers", type=int, help="local worker processes = tasks per stage (default 1)")
+    run.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    run.add_argument("--task-mb", type=int, help="input MB per task at most: tasks per stage = max(workers, input "
+                     "MB / this) (default 256; bounds each task's memory)")
     run.add_argument("--executor", choices=["local", "ray"], help="datatrove executor (default local)")
     run.add_argument("--text-field", help='field/column holding the text (default "text")')
     run.add_argument("--txt-mode", choices=["line", "paragraph", "file"], help="how .txt files split into documents")

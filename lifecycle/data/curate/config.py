@@ -225,6 +225,10 @@ class CurateConfig:
     # With several workers, an input file larger than its share of the bytes (and than this) is cut into
     # line-aligned byte ranges that workers read in parallel (uncompressed jsonl and line/paragraph txt).
     split_bytes: int = 4 << 20
+    # Tasks per stage = max(workers, input MB / task_mb): what a task holds at the end of the exact- and
+    # MinHash-signature steps (its documents' hashes, sorted in memory) grows with its share of the input, so
+    # a corpus larger than RAM is cut into more tasks than workers rather than into bigger ones.
+    task_mb: int = 256
     executor: str = "local"  # local | ray
     docs_per_shard: int = 100_000  # output shards hold at most this many documents
     samples_per_reason: int = 5  # removed documents kept per rule for the report
@@ -241,6 +245,7 @@ class CurateConfig:
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "workers", "must be >= 1")
+        _check(self.task_mb >= 1, "task_mb", f"must be >= 1 (MB of input per task), got {self.task_mb!r}")
         _check(self.split_bytes >= 1, "split_bytes", f"must be >= 1 (bytes), got {self.split_bytes!r}")
         _check(self.executor in ("local", "ray"), "executor", f"must be local or ray, got {self.executor!r}")
         _check(self.docs_per_shard >= 1, "docs_per_shard", "must be >= 1")

@@ -128,13 +128,15 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
         parent_of: dict[tuple[int, int], tuple[int, int]] = {}
         size: dict[tuple[int, int], int] = {}
 
+        # Memory: only documents in verified pairs enter the union-find (duplicates, which the .remove files
+        # list anyway); candidate pairs stream past. A pair that collides in several bands is verified again
+        # each time instead of being remembered: a set of the candidate pairs seen would grow with the corpus.
         def find(x):
             root = x
             while parent_of.get(root, root) != root:
                 root = parent_of[root]
             while x != root:  # path compression
                 parent_of[x], x = root, parent_of[x]
-            parent_of.setdefault(root, root)
             return root
 
         def union(a, b):
@@ -143,10 +145,10 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
                 return
             if ra > rb:  # keep the earliest document of a cluster as its representative
                 ra, rb = rb, ra
+            parent_of.setdefault(ra, ra)
             parent_of[rb] = ra
             size[ra] = size.get(ra, 1) + size.pop(rb, 1)
 
-        checked: set[tuple] = set()
         with self.track_time():
             for dup_file in self.input_folder.list_files(glob_pattern="*.dups"):
                 with self.input_folder.open(dup_file, "rb") as fh:
@@ -154,11 +156,9 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
                         if f1 == SENTINEL:
                             continue
                         a, b = (f1, d1), (f2, d2)
-                        key = (a, b) if a < b else (b, a)
-                        if key in checked:  # the same pair collides in several bands: verify once
-                            continue
-                        checked.add(key)
                         self.stat_update("candidate_pairs")
+                        if find(a) == find(b):  # already in one cluster
+                            continue
                         if self.similarity(sigs, a, b) >= self.threshold:
                             self.stat_update("verified_pairs")
                             union(a, b)

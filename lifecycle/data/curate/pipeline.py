@@ -2,6 +2,11 @@
 
     filter     InputReader(parts) > langid > clean > quality > classifier > perplexity > pii > decontam
                > ShardWriter(work/filtered) > ExactDedupSignature                       (N tasks)
+
+N = max(workers, input MB / task_mb) tasks run on `workers` processes: a task's memory grows with its share of
+the input (exact-dedup hashes and MinHash band signatures are sorted in memory at the end of a task), so
+a larger corpus means more tasks, not bigger ones. Every other stage streams or holds only duplicates.
+
     exact_find ExactFindDedups                                                         (1 task)
     near_sig   ShardReader(filtered) > ExactDedupFilter > ShardWriter(work/exact)
                > CjkMinhashSignature                                                    (N tasks)
@@ -98,6 +103,14 @@ def _executor(config: CurateConfig, pipeline: list, tasks: int, logs: Path):
                                  start_method="fork")
 
 
+def num_tasks(config: CurateConfig, files: dict[str, str]) -> int:
+    """Tasks per stage: one per worker, more when the input exceeds workers x task_mb (config.task_mb)."""
+    import os
+
+    total = sum(os.path.getsize(p) for p in files)
+    return max(config.workers, -(-total // (config.task_mb * 1_000_000)))
+
+
 def check_resume(config: CurateConfig, paths: Paths) -> None:
     """A work dir belongs to one config: resuming with another would mix two runs' shards."""
     saved = paths.work / "config.json"
@@ -128,14 +141,15 @@ def run_pipeline(config: CurateConfig, files: dict[str, str], *, show_progress: 
     paths = Paths(config.output_dir)
     check_resume(config, paths)
     work = str(paths.work)
-    n = config.workers
+    n = num_tasks(config, files)
     k = config.samples_per_reason
     tokens = TokenCounter(config.pack.tokenizer)
     exact_cfg = ExactDedupConfig(content_getter=normalized_text)
     stages: list[tuple[str, list, int]] = []
 
     parts = plan_parts(list(files), n, txt_mode=config.txt_mode, split_bytes=config.split_bytes)
-    log.info("inputs: %d files in %d parts over %d workers", len(files), sum(map(len, parts)), n)
+    log.info("inputs: %d files in %d parts, %d tasks over %d workers", len(files), sum(map(len, parts)), n,
+             config.workers)
     filter_steps = [InputReader(files, work, text_field=config.text_field, txt_mode=config.txt_mode,
                                 show_progress=show_progress, parts=parts),
                     *per_document_blocks(config, work), ShardWriter(paths.filtered)]

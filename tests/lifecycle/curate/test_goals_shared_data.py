@@ -53,6 +53,30 @@ def test_bench_memory_reports_peak_rss_and_mb_per_s_per_core(shared_data, tmp_pa
         assert run["rss"]["main_mb"] > 50 and run["rss"]["largest_worker_mb"] > 50  # python + torch imported
         assert run["peak_rss_mb"] == max(run["rss"]["main_mb"], run["rss"]["largest_worker_mb"])
         assert run["mb_per_s_per_core"] == pytest.approx(run["mb_per_s"] / 2, abs=2e-3) and run["mb_per_s"] > 0
+        # the whole tree: the run's main process and its two workers, sampled while they ran
+        assert run["rss"]["tree"]["processes"] >= 3 and run["rss"]["tree"]["samples"] >= 2
+        assert run["rss"]["tree"]["largest_process_mb"] >= 0.9 * run["rss"]["main_mb"]
+        assert run["tree_rss_mb"] >= run["tree_pss_mb"] > run["rss"]["main_mb"] / 2
+        assert run["outcome"]["read"] == run["documents"] == run["generated"]["documents"]
+        assert run["outcome"]["written"] + sum(run["outcome"]["removed"].values()) == run["documents"]
     assert result["rss_growth_mb"] == pytest.approx(large["peak_rss_mb"] - small["peak_rss_mb"], abs=0.11)
     assert result["rss_growth_mb"] < 30  # 1 MB more input; the limit is loose: this is about the fields
     assert "MB/s per core" in to_markdown({"memory": result})
+
+
+def test_bench_throughput_interleaves_both_pipelines_on_cpu_time(shared_data, tmp_path):
+    """`--parts throughput`: both legs in one process, alternating order, CPU seconds per round and the median
+    speed ratio (lmforge / stock) computed from them."""
+    import statistics
+
+    from lifecycle.data.curate.bench import bench_throughput, to_markdown
+
+    result = bench_throughput(shared_data, tmp_path, max_docs=30, rounds=2)
+    ours, stock = result["lmforge"], result["datatrove_stock"]
+    assert len(ours["cpu_seconds"]) == len(stock["cpu_seconds"]) == 2 and min(ours["cpu_seconds"]) > 0
+    ratios = [s / o for s, o in zip(stock["cpu_seconds"], ours["cpu_seconds"])]
+    assert result["speed_ratio_per_round"] == pytest.approx(ratios, abs=0.01)
+    assert result["speed_ratio_median"] == pytest.approx(statistics.median(ratios), abs=0.01)
+    assert ours["docs_per_cpu_s"] == pytest.approx(30 / statistics.median(ours["cpu_seconds"]), rel=0.02)
+    assert "lmforge / stock speed (CPU time)" in to_markdown({"throughput": result})
+    assert not list(tmp_path.glob("tp_lmforge_*"))  # each leg's output is removed after it is timed

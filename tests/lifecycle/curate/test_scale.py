@@ -1,0 +1,139 @@
+"""Scale: the spaCy warm-up keeps datatrove's tokens and verdicts, the MinHash cluster stage holds only the
+duplicates, the process-tree memory sampler sees forked workers, and the multi-GB generator streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import pytest
+from datatrove.data import Document
+
+from lifecycle.data.curate.config import QualityConfig
+from lifecycle.data.curate.quality import Quality, SpacyWarmUp
+
+from .conftest import english_doc
+
+
+def test_spacy_warm_up_keeps_tokens_and_verdicts_and_stops_at_its_budget(tmp_path):
+    from datatrove.utils.text import split_into_sentences, split_into_words
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    rng = random.Random(3)
+    texts = [english_doc(rng, 10) for _ in range(20)] + ["Short one. Buy now!!! e-mail: x@y.com 3.5% U.S.A. don't"]
+    load_word_tokenizer.cache_clear()  # a cold tokenizer, as a fresh worker has
+    cold = [(split_into_words(t, "eng"), split_into_sentences(t, "eng")) for t in texts]
+    cold_kept = [d.id for d in Quality(QualityConfig(), str(tmp_path / "a")).run(
+        iter([Document(text=t, id=str(i), metadata={"language": "en"}) for i, t in enumerate(texts)]))]
+
+    load_word_tokenizer.cache_clear()
+    warm_up = SpacyWarmUp({"eng"}, budget=sum(map(len, texts[:5])))
+    for t in texts:
+        warm_up(t)
+    assert warm_up.done == sum(map(len, texts[:5]))  # stopped at the budget
+    nlp = load_word_tokenizer("eng").tokenizer
+    assert nlp.vocab.strings[texts[0].split()[1]]  # a warmed word stays in the vocabulary
+    assert [(split_into_words(t, "eng"), split_into_sentences(t, "eng")) for t in texts] == cold
+    # the block itself, warming as it goes, keeps exactly what the cold filters kept
+    load_word_tokenizer.cache_clear()
+    warm_kept = [d.id for d in Quality(QualityConfig(), str(tmp_path / "b")).run(
+        iter([Document(text=t, id=str(i), metadata={"language": "en"}) for i, t in enumerate(texts)]))]
+    assert warm_kept == cold_kept and len(cold_kept) >= 10
+
+
+def _write_dups(folder, pairs):
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "00000.dups").write_bytes(b"".join(struct.pack("<4I", *p) for p in pairs))
+
+
+def test_verified_cluster_keeps_only_duplicates_in_memory(tmp_path):
+    """A candidate pair below the threshold is dropped without a trace; pairs repeated across bands are
+    verified again, not remembered; clusters keep their earliest document."""
+    import numpy as np
+
+    from lifecycle.data.curate.config import DedupConfig
+    from lifecycle.data.curate.dedup import VerifiedMinhashCluster
+
+    cfg = DedupConfig(bands=2, rows=2, threshold=0.75)
+    sigs = np.array([[1, 2, 3, 4], [1, 2, 3, 9], [7, 8, 9, 10], [1, 2, 3, 4], [5, 5, 5, 5]], dtype=np.uint64)
+    (tmp_path / "sigs" / "full").mkdir(parents=True)
+    sigs.tofile(tmp_path / "sigs" / "full" / "00000.sig")
+    # 0~1 agree on 3/4, 1~3 on 3/4 (0~3 on 4/4: one cluster); 0~2 and 2~4 are candidates that fail (0/4)
+    _write_dups(tmp_path / "buckets", [(0, 0, 0, 1), (0, 0, 0, 2), (0, 0, 0, 1), (0, 2, 0, 4), (0, 1, 0, 3)])
+    stage = VerifiedMinhashCluster(str(tmp_path / "buckets"), str(tmp_path / "remove"), str(tmp_path / "sigs"), cfg)
+    stage.run()
+    removed = np.frombuffer((tmp_path / "remove" / "000000.remove").read_bytes(), dtype="<u4").tolist()
+    assert removed == [1, 3]
+    assert stage.stats["candidate_pairs"].total == 5 and stage.stats["verified_pairs"].total == 2
+
+
+def test_tree_sampler_sees_forked_children():
+    from lifecycle.data.curate.rss import TreeSampler, process_tree
+
+    child = os.fork()
+    if child == 0:  # a child holding ~60 MB of its own memory for a moment
+        block = bytearray(60 << 20)
+        block[::4096] = b"x" * len(block[::4096])
+        time.sleep(1.5)
+        os._exit(0)
+    try:
+        assert child in process_tree(os.getpid())
+        sampler = TreeSampler(os.getpid(), interval=0.1)
+        sampler.start()
+        time.sleep(1.0)
+        peaks = sampler.stop()
+    finally:
+        os.waitpid(child, 0)
+    assert peaks["processes"] >= 2 and peaks["samples"] >= 3
+    assert peaks["anon_mb"] >= 60 and peaks["rss_mb"] >= peaks["anon_mb"]
+    assert 60 <= peaks["pss_mb"] <= peaks["rss_mb"]  # shared pages counted once
+
+
+@pytest.mark.shared_data
+def test_scale_corpus_streams_planted_duplicates(shared_data, tmp_path):
+    from lifecycle.data.curate.bench_data import scale_corpus
+
+    counts = scale_corpus(shared_data, tmp_path / "in.jsonl", 2, near_rate=0.1, exact_rate=0.1)
+    lines = (tmp_path / "in.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(ln)["text"] for ln in lines]
+    assert len(texts) == counts["documents"] == sum(counts[k] for k in ("original_en", "original_zh",
+                                                                          "planted_near", "planted_exact"))
+    assert abs(counts["bytes"] - 2e6) < 20_000 and counts["original_zh"] > 0.2 * counts["documents"]
+    assert counts["planted_near"] > 50 and counts["planted_exact"] > 50
+    assert len(set(texts)) > 0.95 * len(texts)  # originals do not repeat (exact copies change case/punctuation)
+    assert scale_corpus(shared_data, tmp_path / "again.jsonl", 2, near_rate=0.1, exact_rate=0.1) == counts
+
+
+def test_input_beyond_workers_times_task_mb_runs_as_more_tasks_with_the_same_output(tmp_path):
+    from lifecycle.data.curate.cli import curate
+    from lifecycle.data.curate.config import CurateConfig, LangIdConfig, QualityConfig
+    from lifecycle.data.curate.pipeline import num_tasks
+
+    from .conftest import chinese_doc
+
+    rng = random.Random(11)
+    docs = [english_doc(rng, 12) if i % 3 else chinese_doc(rng, 6) for i in range(2600)]
+    docs += docs[:40]  # exact duplicates across the task boundaries
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8")
+    assert 2_000_000 < src.stat().st_size < 3_000_000
+
+    def run(name: str, task_mb: int):
+        config = CurateConfig(inputs=(str(src),), output_dir=str(tmp_path / name), task_mb=task_mb,
+                              langid=LangIdConfig(enabled=False), quality=QualityConfig(enabled=False))
+        manifest, _ = curate(config, show_progress=False)
+        texts = sorted(json.loads(ln)["text"] for p in (tmp_path / name / "data").glob("*.jsonl")
+                       for ln in p.read_text(encoding="utf-8").splitlines())
+        return num_tasks(config, {str(src): "in"}), manifest, texts
+
+    tasks_one, manifest_one, texts_one = run("one", 256)
+    tasks_three, manifest_three, texts_three = run("three", 1)
+    assert (tasks_one, tasks_three) == (1, 3)
+    assert len(list((tmp_path / "three" / "work" / "logs" / "filter" / "completions").iterdir())) == 3
+    assert manifest_three.extra["curate"]["read"]["documents"] == len(docs)
+    assert manifest_three.removed == manifest_one.removed and manifest_one.removed["dedup_exact/exact_duplicate"] >= 40
+    assert texts_three == texts_one
