@@ -192,6 +192,27 @@ class LowbitLinear(QuantLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self(x)
 
+    def few_rows_descriptor(self) -> list[int] | None:
+        """This linear as a projection of the serving kernels' one-call forward (serve/worker/kernels/cpu_kernels.c,
+        lmf_projection): [kind, fn, fn_one_row, codes, scales, offsets or correction, group] with the addresses of
+        this library's kernels, which then run exactly as `__call__` would. None for act-order (x is permuted)."""
+        if self.perm is not None:
+            return None
+        k = self.kernels
+        if self.bits <= 4:
+            one_row = _address(k._q4q8) if self.int8_activations else 0
+            return [2, _address(k._q4), one_row, self.qw.data_ptr(), self.scale.data_ptr(), self.offset.data_ptr(),
+                    self.group]
+        return [4, _address(k._q8), 0, self.qw.data_ptr(), self.scale.data_ptr(),
+                self.corr.data_ptr() if self.corr is not None else 0, 0]
+
+
+def _address(fn) -> int:
+    """The address of a ctypes function (to pass to C code that calls it)."""
+    import ctypes
+
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
 
 class NF4Linear(QuantLinear):
     """NF4 (bitsandbytes) weights on our C kernel for decode (<= 8 rows); more rows dequantize once and use torch's

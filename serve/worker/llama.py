@@ -169,9 +169,38 @@ class LlamaDecoder:
                                               layer.o.data_ptr(), layer.post_norm.data_ptr(),
                                               layer.gate_up.data_ptr(), layer.down.data_ptr()]
                                              for layer in self.layers], dtype=torch.int64)
+        # A quantized model's projections as descriptors for the same one-call forward (quant/linear.py's
+        # few_rows_descriptor): its steps of few rows then skip ~10 Python calls per layer, as fp32 models do.
+        self._proj_descs = self._quantized_projection_descriptors()
+        if self._proj_descs is not None:
+            self.kernel_path += "; steps of few rows in one call with the quantized projections"
         self._kv_ptrs: tuple[list, torch.Tensor] | None = None  # (the kv_caches list, its addresses)
         # compact_few_row_weights(): bf16 copies of the projections and LM head for steps of few rows
         self._compact: dict[str, Any] | None = None
+
+    def _quantized_projection_descriptors(self) -> torch.Tensor | None:
+        """(num_layers, 4, 7) int64 descriptors of qkv, o, gate_up, down for a model with quantized linears whose
+        kernels the one-call forward can run (fp32 tensors or LowbitLinear without act-order); sets _layer_ptrs'
+        norm and bias addresses. None where any projection or norm cannot take that path."""
+        if self.kernels is None or self._layer_ptrs is not None or not all(
+                _is_plain_f32(w) for layer in self.layers for w in (layer.input_norm, layer.post_norm)):
+            return None
+        descs = []
+        for layer in self.layers:
+            row = []
+            for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                if isinstance(w, torch.Tensor):
+                    d = [0, 0, 0, w.data_ptr(), 0, 0, 0] if _is_plain_f32(w) else None
+                else:
+                    d = getattr(w, "few_rows_descriptor", lambda: None)()
+                if d is None:
+                    return None
+                row.append(d)
+            descs.append(row)
+        self._layer_ptrs = torch.tensor([[layer.input_norm.data_ptr(), 0,
+                                          layer.qkv_bias.data_ptr() if layer.qkv_bias is not None else 0, 0,
+                                          layer.post_norm.data_ptr(), 0, 0] for layer in self.layers], dtype=torch.int64)
+        return torch.tensor(descs, dtype=torch.int64)
 
     def compact_few_row_weights(self) -> bool:
         """Run steps of few rows (a draft model's passes) on bfloat16 copies of the four projections of every
@@ -179,7 +208,7 @@ class LlamaDecoder:
         up to half the time. Prefill and large steps keep the fp32 weights; activations, norms and sums stay
         fp32. Only for the one-call kernel path (fp32 CPU model, kernels built); returns whether it took.
         For a draft model this changes which tokens are proposed, never the output: the target verifies."""
-        if self._layer_ptrs is None or not _is_plain_f32(self.lm_head):
+        if self._layer_ptrs is None or self._proj_descs is not None or not _is_plain_f32(self.lm_head):
             return False
         copies = [[layer.qkv.to(torch.bfloat16), layer.o.to(torch.bfloat16), layer.gate_up.to(torch.bfloat16),
                    layer.down.to(torch.bfloat16)] for layer in self.layers]  # each (n, k), contiguous
@@ -264,7 +293,7 @@ class LlamaDecoder:
             compact = self._compact
             return kern.forward_few_rows(
                 x, compact["layer_ptrs"] if compact else self._layer_ptrs, self._kv_pointers(kv_caches),
-                weights_bf16=compact is not None, num_heads=cfg.num_heads,
+                weights_bf16=compact is not None, proj_descs=self._proj_descs, num_heads=cfg.num_heads,
                 num_kv_heads=cfg.num_kv_heads, head_dim=hd, intermediate_size=inter, eps=eps, cos=self.rope_cos,
                 sin=self.rope_sin, positions=positions, slots=meta.slot_mapping, block_tables=meta.kernel_block_tables,
                 query_starts=meta.kernel_query_starts, query_lens=meta.kernel_query_lens,

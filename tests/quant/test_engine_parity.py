@@ -145,3 +145,35 @@ def test_int8_activations_bounded_logprob_error(quantized, monkeypatch, capsys):
         worst, compared = max(worst, float((got - ref).abs().max()) if n else 0.0), compared + n
     print(f"int8 activations: max |logprob error| {worst:.2e} over {compared} greedy tokens")
     assert compared >= 16 and 0 < worst < 5e-2
+
+
+def _greedy_with(engine, tok):
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
+    outs = engine.generate([tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS], params)
+    return [(list(o.outputs[0].token_ids), [lp.chosen.logprob for lp in o.outputs[0].logprobs]) for o in outs]
+
+
+@pytest.mark.parametrize("spec,overrides,q4_activations", [
+    ("gptq:4:32", {}, "fp32"), ("gptq:4:32", {}, "int8"), ("gptq:8:channel", dict(sym=False), "fp32"),
+    ("int8", dict(quantize_lm_head=True), "fp32"), ("gptq:4:32", dict(act_order=True, sym=False), "fp32")],
+    ids=["int4", "int4-int8act", "int8-asym", "int8+lm_head", "int4-act-order"])
+def test_one_call_forward_with_quantized_projections_is_bit_identical_to_per_op(spec, overrides, q4_activations,
+                                                                                 quantized, monkeypatch):
+    """Steps of few rows run every layer in one C call with the low-bit kernels as projection descriptors; the
+    per-op path (a Python call per kernel) is the reference: the same tokens and the very same logprobs. Act-order
+    checkpoints (x permuted per linear) keep the per-op path."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", q4_activations)
+    path = quantized(spec, **overrides)
+    tok = AutoTokenizer.from_pretrained(path)
+    fused = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu", max_num_batched_tokens=24))
+    model = fused.runner.model
+    if model.kernels is None:
+        pytest.skip(f"no CPU kernels here: {model.kernel_path}")
+    one_call = not overrides.get("act_order")
+    assert (model._proj_descs is not None) == one_call
+    assert ("in one call with the quantized projections" in model.kernel_path) == one_call
+    per_op = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu", max_num_batched_tokens=24))
+    per_op.runner.model._proj_descs = per_op.runner.model._layer_ptrs = None  # every step through Python
+    assert _greedy_with(fused, tok) == _greedy_with(per_op, tok)

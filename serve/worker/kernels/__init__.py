@@ -61,7 +61,7 @@ class CpuKernels:
         self._write_kv = bind("lmf_write_kv_f32", _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr)
         self._forward_few_rows = bind("lmf_forward_few_rows_f32", _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64,
                                       _i64, _i64, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
-                                      _i64, _f32, _ptr, _ptr, _ptr, _int, _int)
+                                      _i64, _f32, _ptr, _ptr, _ptr, _int, _int, _ptr)
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, query_starts: torch.Tensor, query_lens: torch.Tensor,
@@ -160,28 +160,34 @@ class CpuKernels:
                          sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
                          query_starts: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor,
                          block_size: int, scale: float, final_norm: torch.Tensor,
-                         weights_bf16: bool = False) -> torch.Tensor:
+                         weights_bf16: bool = False, proj_descs: torch.Tensor | None = None) -> torch.Tensor:
         """Every layer and the final norm in one call, for a step of at most MAX_SMALL_M rows whose sequences all
         attend in the kernel. x: (rows, hidden), the embeddings, updated in place (the residual stream);
         layer_ptrs (num_layers, 7) and kv_ptrs (num_layers, 2) int64 addresses (`LlamaDecoder` builds them from
         tensors it keeps alive); with `weights_bf16` the four projections of every layer are bfloat16 (a draft
-        model's compact copy), norms and activations fp32. Returns the final hidden states (rows, hidden)."""
+        model's compact copy), norms and activations fp32. `proj_descs` (num_layers, 4, 7) int64: the four
+        projections of a quantized model as descriptors (cpu_kernels.c, lmf_projection; `quant.linear` builds
+        them), replacing layer_ptrs' projection addresses. Returns the final hidden states (rows, hidden)."""
         _check_f32(x, cos, sin, final_norm)
         _check_i64(layer_ptrs, kv_ptrs, positions, slots, block_tables, query_starts, query_lens, seq_lens)
         rows, hidden = x.shape
         num_layers = layer_ptrs.shape[0]
+        if proj_descs is not None:
+            _check_i64(proj_descs)
         if layer_ptrs.shape != (num_layers, 7) or kv_ptrs.shape != (num_layers, 2) or len(positions) != rows \
-                or len(slots) != rows or int(query_lens.sum()) != rows:
+                or len(slots) != rows or int(query_lens.sum()) != rows \
+                or (proj_descs is not None and proj_descs.shape != (num_layers, 4, 7)):
             raise ValueError(f"forward_few_rows: {rows} rows do not fit the layer/KV tables or the step layout")
         num_q, num_kv = num_heads * head_dim, num_kv_heads * head_dim
-        scratch = x.new_empty(rows * (hidden + num_q + 2 * num_kv + num_q + 3 * intermediate_size))
+        scratch = x.new_empty(rows * (2 * hidden + num_q + 2 * num_kv + num_q + 3 * intermediate_size))
         out = x.new_empty((rows, hidden))
         self._forward_few_rows(x.data_ptr(), rows, hidden, num_layers, layer_ptrs.data_ptr(), kv_ptrs.data_ptr(),
                                num_heads, num_kv_heads, head_dim, intermediate_size, eps, cos.data_ptr(),
                                sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
                                query_starts.data_ptr(), query_lens.data_ptr(), seq_lens.data_ptr(),
                                block_tables.shape[0], block_tables.shape[1], block_size, scale, final_norm.data_ptr(),
-                               scratch.data_ptr(), out.data_ptr(), int(weights_bf16), torch.get_num_threads())
+                               scratch.data_ptr(), out.data_ptr(), int(weights_bf16), torch.get_num_threads(),
+                               proj_descs.data_ptr() if proj_descs is not None else None)
         return out
 
 

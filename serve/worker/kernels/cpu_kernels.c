@@ -412,6 +412,40 @@ void lmf_write_kv_f32(const float* qkv, int64_t rows, int64_t row_stride, int64_
   }
 }
 
+/* A projection of the one-call forward given by a descriptor instead of a bare fp32 address: 7 int64s
+ *   {kind, fn, fn_one_row, weight, a, b, group}
+ * kind 0: fp32 weight (n, k) at `weight`; 1: bf16 weight; 2: a grouped low-bit kernel with the signature of
+ * quant/kernels/lowbit.c's lmfq_q4_linear_f32 / lmfq_nf4_linear_f32 (weight codes, a = scales, b = offsets or the
+ * NF4 table, group), and `fn_one_row` (0: none) with lmfq_q4_linear_q8act_f32's for steps of one row; 4: int8
+ * per channel as lmfq_q8_linear_f32 (a = scales, b = zero correction or 0). The low-bit kernels live in the
+ * quant package's library: their addresses come in, so this file does not link against it. They write
+ * their output; where the caller accumulates (o, down) they write into `tmp`, added to `out` after, which is
+ * what the per-op path does (x += linear(attn)), so both agree to the last bit. */
+typedef void (*lmf_grouped_fn)(const float*, const void*, const float*, const float*, const float*, float*, int64_t,
+                               int64_t, int64_t, int64_t, int);
+typedef void (*lmf_grouped_one_row_fn)(const float*, const void*, const float*, const float*, const float*, float*,
+                                       int64_t, int64_t, int64_t, int);
+typedef void (*lmf_q8_fn)(const float*, const void*, const float*, const float*, const float*, float*, int64_t,
+                          int64_t, int64_t, int);
+
+static void lmf_projection(const int64_t* d, const float* x, const float* bias, float* out, float* tmp, int64_t m,
+                           int64_t n, int64_t k, int acc, int num_threads) {
+  const void* w = (const void*)(intptr_t)d[3];
+  if (d[0] == 0) { lmf_linear_small_m_f32(x, (const float*)w, bias, out, m, n, k, acc, num_threads); return; }
+  if (d[0] == 1) { lmf_linear_small_m_bf16w(x, (const uint16_t*)w, bias, out, m, n, k, acc, num_threads); return; }
+  float* dst = acc ? tmp : out;
+  const float* a = (const float*)(intptr_t)d[4];
+  const float* b = (const float*)(intptr_t)d[5];
+  if (d[0] == 2 && m == 1 && d[2])
+    ((lmf_grouped_one_row_fn)(intptr_t)d[2])(x, w, a, b, bias, dst, n, k, d[6], num_threads);
+  else if (d[0] == 2)
+    ((lmf_grouped_fn)(intptr_t)d[1])(x, w, a, b, bias, dst, m, n, k, d[6], num_threads);
+  else
+    ((lmf_q8_fn)(intptr_t)d[1])(x, w, a, b, bias, dst, m, n, k, num_threads);
+  if (acc)
+    for (int64_t i = 0; i < m * n; ++i) out[i] += tmp[i];
+}
+
 /* The whole decoder for a step of few rows (decode of one or a few sequences, speculative verification, a
  * draft model's passes) in one call: per token, eager PyTorch pays ~30 operator dispatches per layer and our
  * Python wrappers ~10, which is most of a small model's single-stream time on a CPU. Same math, same order as
@@ -420,8 +454,10 @@ void lmf_write_kv_f32(const float* qkv, int64_t rows, int64_t row_stride, int64_
  *   layer_ptrs:  (num_layers, 7) addresses of input_norm, qkv, qkv_bias (0: none), o, post_norm, gate_up, down;
  *                with weights_bf16 the four projections (qkv, o, gate_up, down) are bf16, the rest fp32
  *   kv_ptrs:     (num_layers, 2) addresses of each layer's k_cache and v_cache
- *   scratch:     rows * (hidden + qkv_width + num_heads * head_dim + 3 * inter) floats
+ *   scratch:     rows * (2 * hidden + qkv_width + num_heads * head_dim + 3 * inter) floats
  *   out:         (rows, hidden) the final RMSNorm of x
+ *   proj_descs:  NULL, or (num_layers, 4, 7) descriptors of qkv, o, gate_up, down (lmf_projection: quantized
+ *                models), which then replace the projection addresses of layer_ptrs and weights_bf16
  * Attention arguments as lmf_paged_attention_f32, covering every row. */
 void lmf_forward_few_rows_f32(float* x, int64_t rows, int64_t hidden, int64_t num_layers, const int64_t* layer_ptrs,
                               const int64_t* kv_ptrs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -429,33 +465,40 @@ void lmf_forward_few_rows_f32(float* x, int64_t rows, int64_t hidden, int64_t nu
                               const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
                               const int64_t* query_starts, const int64_t* query_lens, const int64_t* seq_lens,
                               int64_t num_seqs, int64_t max_blocks, int64_t block_size, float scale,
-                              const float* final_norm, float* scratch, float* out, int weights_bf16, int num_threads) {
+                              const float* final_norm, float* scratch, float* out, int weights_bf16, int num_threads,
+                              const int64_t* proj_descs) {
   const int64_t num_q = num_heads * head_dim, num_kv = num_kv_heads * head_dim, qkv_width = num_q + 2 * num_kv;
   float* h = scratch;                  /* (rows, hidden) */
   float* qkv = h + rows * hidden;      /* (rows, qkv_width) */
   float* attn = qkv + rows * qkv_width; /* (rows, num_q) */
   float* gate_up = attn + rows * num_q; /* (rows, 2 * inter) */
   float* act = gate_up + rows * 2 * inter; /* (rows, inter) */
-#define LINEAR(X, W, B, OUT, M, N, K, ACC)                                                                   \
-  (weights_bf16 ? lmf_linear_small_m_bf16w(X, (const uint16_t*)(intptr_t)(W), B, OUT, M, N, K, ACC, num_threads) \
-                : lmf_linear_small_m_f32(X, (const float*)(intptr_t)(W), B, OUT, M, N, K, ACC, num_threads))
+  float* tmp = act + rows * inter;         /* (rows, hidden): quantized o / down before the residual add */
+  int64_t plain[4][7];                     /* descriptors of this layer's projections when none are given */
+  for (int i = 0; i < 4; ++i) {
+    plain[i][0] = weights_bf16 ? 1 : 0;
+    for (int j = 1; j < 7; ++j) plain[i][j] = 0;
+  }
+#define LINEAR(X, IDX, B, OUT, M, N, K, ACC) lmf_projection(desc + 7 * (IDX), X, B, OUT, tmp, M, N, K, ACC, num_threads)
   for (int64_t l = 0; l < num_layers; ++l) {
     const int64_t* p = layer_ptrs + 7 * l;
+    const int64_t* desc = proj_descs ? proj_descs + 28 * l : &plain[0][0];
+    if (!proj_descs) { plain[0][3] = p[1]; plain[1][3] = p[3]; plain[2][3] = p[5]; plain[3][3] = p[6]; }
     float* k_cache = (float*)(intptr_t)kv_ptrs[2 * l];
     float* v_cache = (float*)(intptr_t)kv_ptrs[2 * l + 1];
     lmf_rms_norm_f32(x, (const float*)(intptr_t)p[0], h, rows, hidden, eps, num_threads);
-    LINEAR(h, p[1], (const float*)(intptr_t)p[2], qkv, rows, qkv_width, hidden, 0);
+    LINEAR(h, 0, (const float*)(intptr_t)p[2], qkv, rows, qkv_width, hidden, 0);
     lmf_rope_inplace_f32(qkv, rows, qkv_width, num_heads + num_kv_heads, head_dim, cos_table, sin_table, positions,
                          num_threads);
     lmf_write_kv_f32(qkv, rows, qkv_width, num_q, num_q + num_kv, num_kv, k_cache, v_cache, slots);
     lmf_paged_attention_f32(qkv, qkv_width, k_cache, v_cache, block_tables, query_starts, query_lens, seq_lens,
                             num_seqs, max_blocks, rows, num_heads, num_kv_heads, head_dim, block_size, scale, attn,
                             num_threads);
-    LINEAR(attn, p[3], NULL, x, rows, hidden, num_q, 1);
+    LINEAR(attn, 1, NULL, x, rows, hidden, num_q, 1);
     lmf_rms_norm_f32(x, (const float*)(intptr_t)p[4], h, rows, hidden, eps, num_threads);
-    LINEAR(h, p[5], NULL, gate_up, rows, 2 * inter, hidden, 0);
+    LINEAR(h, 2, NULL, gate_up, rows, 2 * inter, hidden, 0);
     lmf_silu_mul_f32(gate_up, act, rows, inter, num_threads);
-    LINEAR(act, p[6], NULL, x, rows, hidden, inter, 1);
+    LINEAR(act, 3, NULL, x, rows, hidden, inter, 1);
   }
 #undef LINEAR
   lmf_rms_norm_f32(x, final_norm, out, rows, hidden, eps, num_threads);
