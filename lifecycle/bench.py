@@ -38,7 +38,7 @@ METHOD = (
 
 @dataclass
 class BenchPretrainConfig:
-    preset: str = field(default="small", metadata={"help": "model size: tiny, small, base, 1b"})
+    preset: str = field(default="small", metadata={"help": "model size: draft, tiny, small, base, 1b"})
     data: list[str] = field(default_factory=list, metadata={"help": "training text (default: the stdlib documentation corpus, built and cached)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (required with --data; default: one trained on the stdlib corpus and cached)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed sequence"})

@@ -2,7 +2,7 @@
 
 No user data and no network: the corpus is the documentation text of the running interpreter's
 standard library (docstrings, read with `ast`, and pydoc's language-reference topics). From it the
-demo trains a byte-level BPE tokenizer, a `small` target model and a `tiny` draft model distilled
+demo trains a byte-level BPE tokenizer, a `small` target model and a 2-layer draft model distilled
 from it (the draft serves speculative decoding, so it is trained to predict the target, not the
 corpus: on the corpus and on the target's own greedy continuations), then fine-tunes the target: SFT on "What does os.path.join do?" -> the documented summary, and
 DPO from the SFT model where the rejected answer is another function's summary (`build_finetune_stages`);
@@ -38,7 +38,7 @@ class DemoConfig:
     target_preset: str = "small"
     target_steps: int = 360
     target_lr: float = 1e-3
-    draft_preset: str = "tiny"
+    draft_preset: str = "draft"  # `tiny` with 2 layers (lifecycle/presets.py)
     draft_steps: int = 240
     draft_lr: float = 3e-3
     # The draft learns KL(target || draft) on the corpus (lifecycle/recipes/distill.py). At temperature 0.25 the
@@ -291,7 +291,7 @@ def add_command(sub: Any) -> None:
     parser = add_subcommand(
         sub, "demo", help="run the lifecycle on the embedded default (Python's own documentation)",
         description=("Build a corpus from the Python standard library's documentation, train a tokenizer, a "
-                     "`small` target and a `tiny` draft model, fine-tune the target (SFT on \"what does X do?\" "
+                     "`small` target and a 2-layer draft model, fine-tune the target (SFT on \"what does X do?\" "
                      "pairs from the same documentation, then DPO), print where the checkpoints are, then serve the "
                      "DPO model over gRPC, chat with it for a few turns and evaluate it through the server. No data "
                      "or network needed; about 10 minutes the first time on 2 CPU cores, under a minute when cached."),
@@ -301,7 +301,7 @@ def add_command(sub: Any) -> None:
     parser.add_argument("--target-steps", type=int, default=DemoConfig.target_steps,
                         help="optimizer steps for the small target model")
     parser.add_argument("--draft-steps", type=int, default=DemoConfig.draft_steps,
-                        help="optimizer steps for the tiny draft model")
+                        help="optimizer steps for the draft model")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     parser.add_argument("--no-finetune", action="store_true",
                         help="skip the SFT and DPO stages (serve the pretrained target)")

@@ -43,7 +43,7 @@ class PretrainConfig:
     eval_data: list[str] = field(default_factory=list, metadata={"help": "held-out text; if empty, --eval-fraction of --data is held out"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in jsonl/json/parquet/csv"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: the --init-from checkpoint's)"})
-    preset: str = field(default="small", metadata={"help": "model size for training from scratch: tiny, small, base, 1b"})
+    preset: str = field(default="small", metadata={"help": "model size for training from scratch: draft (2-layer speculative draft), tiny, small, base, 1b"})
     model_config: str | None = field(default=None, metadata={"help": "YAML/JSON of model fields overriding the preset"})
     init_from: str | None = field(default=None, metadata={"help": "checkpoint to continue pretraining from (ours or a plain HF Llama/Qwen2 dir)"})
     distill_from: str | None = field(default=None, metadata={"help": "frozen teacher checkpoint (same tokenizer): train on KL(teacher || student), e.g. to make a speculative-decoding draft of that target"})

@@ -8,7 +8,7 @@ import torch
 from lifecycle.errors import ConfigError
 from lifecycle.presets import PRESETS, ModelConfig, get_preset, resolve_model_config
 
-EXPECTED_M = {"tiny": (4, 6), "small": (25, 35), "base": (110, 140), "1b": (1000, 1300)}
+EXPECTED_M = {"draft": (3, 4), "tiny": (4, 6), "small": (25, 35), "base": (110, 140), "1b": (1000, 1300)}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
