@@ -207,26 +207,34 @@ def native_w3(cfg: BenchEngineConfig, cache_dir: Path) -> dict[str, Any]:
     prompts = [tok.encode(t, add_special_tokens=False)[:48] for t in texts]
     spec = LLMEngine(EngineConfig(model=str(target), speculative_method="draft", draft_model=str(draft),
                                   num_speculative_tokens=cfg.num_speculative_tokens))
-    runs = {}
-    for name, engine in (("plain", plain), ("speculative", spec)):
-        print(f"[bench] native W3 {name}: {len(prompts)} prompts x {cfg.latency_output_len} tokens", flush=True)
-        engine.generate([prompts[0][:8]], None)  # warm-up
-        outputs, steps, start = [], 0, time.perf_counter()
-        from serve.types import SamplingParams
+    from serve.types import SamplingParams
 
-        params = SamplingParams(max_tokens=cfg.latency_output_len, temperature=0.0, ignore_eos=True)
-        for i, prompt in enumerate(prompts):
+    engines = {"plain": plain, "speculative": spec}
+    params = SamplingParams(max_tokens=cfg.latency_output_len, temperature=0.0, ignore_eos=True)
+    outputs: dict[str, list[list[int]]] = {name: [] for name in engines}
+    elapsed, steps = dict.fromkeys(engines, 0.0), dict.fromkeys(engines, 0)
+    for engine in engines.values():
+        engine.generate([prompts[0][:8]], None)  # warm-up
+    print(f"[bench] native W3 plain and speculative, alternating: {len(prompts)} prompts x "
+          f"{cfg.latency_output_len} tokens", flush=True)
+    # Each prompt runs plain, then speculative: on this VM the speed drifts by ~15% between minutes, and
+    # alternating puts both under the same drift (one engine after the other put them in different minutes).
+    for i, prompt in enumerate(prompts):
+        for name, engine in engines.items():
+            start = time.perf_counter()
             engine.add_request(f"w3-{name}-{i}", prompt, params)
             tokens: list[int] = []
             while engine.has_unfinished_requests():
-                steps += 1
+                steps[name] += 1
                 for out in engine.step():
                     tokens.extend(t for c in out.outputs for t in c.token_ids)
-            outputs.append(tokens)
-        elapsed = time.perf_counter() - start
-        stats = engine.stats()
-        runs[name] = {"elapsed_s": elapsed, "tokens_per_s": sum(map(len, outputs)) / elapsed,
-                      "tokens_per_step": sum(map(len, outputs)) / steps, "outputs": outputs,
+            elapsed[name] += time.perf_counter() - start
+            outputs[name].append(tokens)
+    runs = {}
+    for name, engine in engines.items():
+        stats, produced = engine.stats(), sum(map(len, outputs[name]))
+        runs[name] = {"elapsed_s": elapsed[name], "tokens_per_s": produced / elapsed[name],
+                      "tokens_per_step": produced / steps[name], "outputs": outputs[name],
                       "draft_tokens": stats.spec_draft_tokens_total, "accepted_tokens": stats.spec_accepted_tokens_total}
     identical = runs["plain"]["outputs"] == runs["speculative"]["outputs"]
     for run in runs.values():
