@@ -318,6 +318,15 @@ def _cmd_verify(args: Any) -> int:
 
 
 def _cmd_info(args: Any) -> int:
+    from lifecycle.onnx_export.verify import describe, is_onnx_export, verify_onnx_export
+
+    if is_onnx_export(Path(args.path)):  # no safetensors: the export's own loader and summary
+        summary = verify_onnx_export(args.path)
+        if args.json:
+            print((Path(args.path) / MANIFEST_NAME).read_text(encoding="utf-8").rstrip())
+        else:
+            print(describe(summary))
+        return 0
     ckpt = load_checkpoint(args.path)
     if args.json:
         print(json.dumps(ckpt.manifest or {"config": ckpt.config}, indent=2))

@@ -49,3 +49,10 @@ def test_external_data_missing_from_the_manifest_fails_naming_it(onnx_fp32, tmp_
     (copy / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = verify(capsys, copy)
     assert code != 0 and f"{copy / 'model.onnx.data'}: model.onnx keeps tensor data in it" in err
+
+
+def test_info_describes_an_onnx_export(onnx_fp32, capsys):
+    assert main(["checkpoint", "info", str(onnx_fp32)]) == 0
+    assert "format onnx, opset 18, dtype float32" in capsys.readouterr().out
+    assert main(["checkpoint", "info", str(onnx_fp32), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "onnx"
