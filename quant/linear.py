@@ -120,7 +120,8 @@ def q4_int8_activations() -> bool:
 
 
 class LowbitLinear(QuantLinear):
-    """Our C kernels (quant/kernels/lowbit.c) for decode (<= 8 rows); more rows dequantize once and use torch's GEMM.
+    """Our C kernels (quant/kernels/lowbit.c) for decode (<= 8 rows); more rows dequantize a cache-sized tile of
+    weight rows at a time in C and run torch's GEMM on it (`LowbitKernels.tiled_linear`).
 
     4-bit: any uniform grid of <= 4 bits with groups of a multiple of 32 (act-order: columns sorted by group, x
     permuted at run time). 8-bit: per-channel grids (one scale, optional zero correction)."""
@@ -139,17 +140,17 @@ class LowbitLinear(QuantLinear):
             self.offset = (-zeros.float() * self.scale).contiguous()  # W = q * scale + offset
             runs = q.to(torch.uint8).view(N, K // 32, 2, 16)  # (N, runs, low/high half, 16)
             self.qw = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(N, K // 2).contiguous()  # (N, K / 2)
-            self.path = "int4 weight-only GEMV (lmforge lowbit kernel; dequantize + torch GEMM above 8 rows)"
+            self.path = "int4 weight-only GEMV (lmforge lowbit kernel; tiled dequantize + torch GEMM above 8 rows)"
             self.int8_activations = q4_int8_activations()
             if self.int8_activations:
                 self.path = ("int4 x int8-activation GEMV for one row (lmforge lowbit kernel, LMFORGE_Q4_ACTIVATIONS="
-                             "int8; fp32 GEMV up to 8 rows, dequantize + torch GEMM above)")
+                             "int8; fp32 GEMV up to 8 rows, tiled dequantize + torch GEMM above)")
         else:
             self.qw = (q.to(torch.int32) - 128).to(torch.int8).contiguous()  # (N, K)
             self.scale = self.scale[:, 0].contiguous()
             corr = (zeros[:, 0].float() - 128) * self.scale
             self.corr = corr.contiguous() if bool((corr != 0).any()) else None
-            self.path = "int8 weight-only GEMV (lmforge lowbit kernel; dequantize + torch GEMM above 8 rows)"
+            self.path = "int8 weight-only GEMV (lmforge lowbit kernel; tiled dequantize + torch GEMM above 8 rows)"
 
     @staticmethod
     def supports(bits: int, q: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> bool:
@@ -178,11 +179,19 @@ class LowbitLinear(QuantLinear):
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         from quant.kernels import MAX_M
 
-        if x.shape[0] > MAX_M or x.dtype != torch.float32:
+        if x.dtype != torch.float32:
             return F.linear(x, self.dequantize().to(x.dtype), bias)
+        if x.dim() != 2:
+            return self(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], self.out_features)
         if self.perm is not None:
             x = x[:, self.perm]
         x = x.contiguous()
+        if x.shape[0] > MAX_M:
+            if self.bits <= 4:
+                return self.kernels.tiled_linear(x, "q4", self.out_features, bias, qw=self.qw, scale=self.scale,
+                                                 extra=self.offset, block=self.group)
+            return self.kernels.tiled_linear(x, "q8", self.out_features, bias, qw=self.qw, scale=self.scale,
+                                             extra=self.corr, block=0)
         if self.bits <= 4:
             if self.int8_activations and x.shape[0] == 1:
                 return self.kernels.q4_linear_int8_activations(x, self.qw, self.scale, self.offset, self.group, bias)
@@ -215,7 +224,7 @@ def _address(fn) -> int:
 
 
 class NF4Linear(QuantLinear):
-    """NF4 (bitsandbytes) weights on our C kernel for decode (<= 8 rows); more rows dequantize once and use torch's
+    """NF4 (bitsandbytes) weights on our C kernel for decode (<= 8 rows); more rows dequantize tiles in C for torch's
     GEMM. The codes are repacked at load into the q4 kernel's run layout; blocks must lie within rows."""
 
     def __init__(self, kernels, parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]]) -> None:
@@ -230,7 +239,7 @@ class NF4Linear(QuantLinear):
         self.qw = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(N, K // 2).contiguous()  # (N, K / 2)
         self.absmax = torch.cat([p[1].float().view(p[2][0], K // self.block) for p in parts]).contiguous()  # (N, K/bs)
         self.table = P.NF4_TABLE.float().contiguous()
-        self.path = "nf4 weight-only GEMV (lmforge lowbit kernel; dequantize + torch GEMM above 8 rows)"
+        self.path = "nf4 weight-only GEMV (lmforge lowbit kernel; tiled dequantize + torch GEMM above 8 rows)"
 
     @staticmethod
     def supports(parts) -> bool:
@@ -247,8 +256,13 @@ class NF4Linear(QuantLinear):
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         from quant.kernels import MAX_M
 
-        if x.shape[0] > MAX_M or x.dtype != torch.float32:
+        if x.dtype != torch.float32:
             return F.linear(x, self.dequantize().to(x.dtype), bias)
+        if x.dim() != 2:
+            return self(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], self.out_features)
+        if x.shape[0] > MAX_M:
+            return self.kernels.tiled_linear(x, "nf4", self.out_features, bias, qw=self.qw, scale=self.absmax,
+                                             extra=self.table, block=self.block)
         return self.kernels.nf4_linear(x.contiguous(), self.qw, self.absmax, self.table, self.block, bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:

@@ -297,3 +297,84 @@ void lmfq_nf4_linear_f32(const float* x, const uint8_t* qw, const float* absmax,
 #endif
   }
 }
+
+/* Dequantizers for steps of many rows (prefill, large batches): rows [r0, r1) of W into out ((r1 - r0, k) fp32,
+ * row-major), which a GEMM then reads. Each computes exactly what quant/linear.py's torch dequantize() does (a
+ * multiply, then an add: no FMA contraction under -std=c11), so both paths give bit-identical weights. The caller
+ * dequantizes a few hundred rows at a time so the fp32 tile stays in cache for the GEMM that follows. */
+void lmfq_q4_dequant_f32(const uint8_t* qw, const float* scale, const float* offset, float* out, int64_t r0,
+                         int64_t r1, int64_t k, int64_t group, int num_threads) {
+  const int64_t num_groups = k / group;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint8_t* row = qw + j * (k / 2);
+    float* w = out + (j - r0) * k;
+    for (int64_t c = 0; c < k; c += 32) {
+      const int64_t g = j * num_groups + c / group;
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256 s = _mm256_set1_ps(scale[g]), o = _mm256_set1_ps(offset[g]);
+      const __m256i mask = _mm256_set1_epi32(0x0F);
+      const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2)));
+      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2 + 8)));
+      _mm256_storeu_ps(w + c, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)), s), o));
+      _mm256_storeu_ps(w + c + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)), s), o));
+      _mm256_storeu_ps(w + c + 16, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), s), o));
+      _mm256_storeu_ps(w + c + 24, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), s), o));
+#else
+      for (int64_t t = 0; t < 16; ++t) {
+        const uint8_t byte = row[c / 2 + t];
+        w[c + t] = (float)(byte & 0x0F) * scale[g] + offset[g];
+        w[c + t + 16] = (float)(byte >> 4) * scale[g] + offset[g];
+      }
+#endif
+    }
+  }
+}
+
+void lmfq_q8_dequant_f32(const int8_t* qw, const float* scale, const float* corr, float* out, int64_t r0,
+                         int64_t r1, int64_t k, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t j = r0; j < r1; ++j) {
+    const int8_t* row = qw + j * k;
+    float* w = out + (j - r0) * k;
+    const float s = scale[j], z = corr ? corr[j] : 0.f;
+    int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+    for (; c + 8 <= k; c += 8) {
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + c)))), vs);
+      _mm256_storeu_ps(w + c, corr ? _mm256_sub_ps(v, vz) : v);
+    }
+#endif
+    for (; c < k; ++c) w[c] = corr ? (float)row[c] * s - z : (float)row[c] * s;
+  }
+}
+
+void lmfq_nf4_dequant_f32(const uint8_t* qw, const float* absmax, const float* table, float* out, int64_t r0,
+                          int64_t r1, int64_t k, int64_t block, int num_threads) {
+  const int64_t num_blocks = k / block;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint8_t* row = qw + j * (k / 2);
+    float* w = out + (j - r0) * k;
+    for (int64_t c = 0; c < k; c += 32) {
+      const float a = absmax[j * num_blocks + c / block];
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8), s = _mm256_set1_ps(a);
+      const __m256i mask = _mm256_set1_epi32(0x0F);
+      const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2)));
+      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2 + 8)));
+      _mm256_storeu_ps(w + c, _mm256_mul_ps(nf4_lookup(_mm256_and_si256(b0, mask), tlo, thi), s));
+      _mm256_storeu_ps(w + c + 8, _mm256_mul_ps(nf4_lookup(_mm256_and_si256(b1, mask), tlo, thi), s));
+      _mm256_storeu_ps(w + c + 16, _mm256_mul_ps(nf4_lookup(_mm256_srli_epi32(b0, 4), tlo, thi), s));
+      _mm256_storeu_ps(w + c + 24, _mm256_mul_ps(nf4_lookup(_mm256_srli_epi32(b1, 4), tlo, thi), s));
+#else
+      for (int64_t t = 0; t < 16; ++t) {
+        const uint8_t byte = row[c / 2 + t];
+        w[c + t] = table[byte & 0x0F] * a;
+        w[c + t + 16] = table[byte >> 4] * a;
+      }
+#endif
+    }
+  }
+}

@@ -157,3 +157,41 @@ def test_q4_activations_setting_is_checked(monkeypatch):
         q4_int8_activations()
     monkeypatch.delenv("LMFORGE_Q4_ACTIVATIONS")
     assert not q4_int8_activations()
+
+
+@pytest.mark.parametrize("kind", ["q4", "q4-asym", "q8", "q8-asym", "nf4"])
+def test_tiled_dequantize_equals_torch_dequantize_bit_for_bit(kind):
+    """Steps of many rows (prefill, batches above 8) dequantize tiles of weight rows in C and run torch's GEMM on each.
+    The C dequantizers compute what dequantize() does in torch (multiply, then add), so the weights are identical and
+    the output equals F.linear on the dequantized matrix, for tiles that do not divide the output rows."""
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip(f"no C kernels here: {kernels.status()}")
+    n, k = 50, 128
+    if kind == "nf4":
+        torch.manual_seed(2)
+        w = torch.randn(n, k)
+        lin = nf4_linear([(*P.quantize_nf4(w, 64), (n, k), 64)], torch.float32)
+        weights = dict(qw=lin.qw, scale=lin.absmax, extra=lin.table, block=lin.block)
+    else:
+        bits = 4 if kind.startswith("q4") else 8
+        q, s, z, g = _grid(bits, 32 if bits == 4 else None, sym=not kind.endswith("asym"), n=n, k=k)
+        lin = LowbitLinear(lib, q, s, z, g, bits)
+        weights = (dict(qw=lin.qw, scale=lin.scale, extra=lin.offset, block=lin.group) if bits == 4
+                   else dict(qw=lin.qw, scale=lin.scale, extra=lin.corr, block=0))
+        if bits == 8:
+            assert (lin.corr is not None) == kind.endswith("asym")
+    ref_w = lin.dequantize()
+    for r0, r1 in [(0, n), (0, 7), (13, 50), (49, 50)]:
+        out = torch.full((r1 - r0, k), float("nan"))
+        lib.dequantize_rows(kind.split("-")[0], out, r0, r1, **weights)
+        assert torch.equal(out, ref_w[r0:r1])
+    x, bias = torch.randn(37, k), torch.randn(n)
+    for tile_bytes in (4 * k * 8, 4 * k * 24, 1 << 20):  # tiles of 8 rows (7 tiles, last of 2), 24 rows, one tile
+        y = lib.tiled_linear(x, kind.split("-")[0], n, bias, tile_bytes=tile_bytes, **weights)
+        torch.testing.assert_close(y, F.linear(x, ref_w, bias), atol=1e-5, rtol=1e-5)
+    y3 = lin(x.view(1, 37, k), bias)  # the module: 3-D input, > 8 rows -> tiled
+    assert y3.shape == (1, 37, n)
+    torch.testing.assert_close(y3[0], F.linear(x, ref_w, bias), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="bad shapes"):
+        lib.dequantize_rows(kind.split("-")[0], torch.empty(3, k), 0, 4, **weights)

@@ -21,6 +21,7 @@ datatrove's union by size leaves as root).
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -98,6 +99,38 @@ class CjkMinhashSignature(MinhashDedupSignature):
         self._full = None
 
 
+class SignatureRows:
+    """Full MinHash signatures of one rank's documents, read a row at a time with `os.pread`.
+
+    Not a memory map: pages of a mapped file count in the process's RSS (and in a Slurm cgroup's limit) as they are
+    touched, so mapping 960 B per document grew the cluster stage's RSS with the corpus (docs/BENCHMARKS.md,
+    curation memory). pread copies the one row asked for; the kernel's page cache still does the caching."""
+
+    def __init__(self, path: Path, num_hashes: int) -> None:
+        self.path, self.row_bytes = path, 8 * num_hashes
+        self.num_rows = path.stat().st_size // self.row_bytes
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_rows:
+            raise IndexError(f"{self.path}: signature row {i} of {self.num_rows}")
+        data = os.pread(self._fd, self.row_bytes, i * self.row_bytes)
+        if len(data) != self.row_bytes:
+            raise OSError(f"{self.path}: short read at row {i}")
+        return np.frombuffer(data, dtype=np.uint64)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class VerifiedMinhashCluster(MinhashDedupCluster):
     """datatrove's stage 3, keeping only candidate pairs whose estimated Jaccard is >= threshold."""
 
@@ -109,15 +142,14 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
         self.threshold = config.threshold
         self.num_hashes = config.bands * config.rows
 
-    def _signatures(self) -> dict[int, np.ndarray]:
+    def _signatures(self) -> dict[int, SignatureRows]:
         out = {}
         for path in sorted((Path(self.signature_folder) / "full").glob("*.sig")):
-            size = path.stat().st_size
-            if size:
-                out[int(path.stem)] = np.memmap(path, dtype=np.uint64, mode="r").reshape(-1, self.num_hashes)
-        return out  # rank -> (num_docs, num_hashes)
+            if path.stat().st_size:
+                out[int(path.stem)] = SignatureRows(path, self.num_hashes)
+        return out  # rank -> rows of (num_hashes,) uint64
 
-    def similarity(self, sigs: dict[int, np.ndarray], a: tuple[int, int], b: tuple[int, int]) -> float:
+    def similarity(self, sigs: dict[int, SignatureRows], a: tuple[int, int], b: tuple[int, int]) -> float:
         sa, sb = sigs[a[0]][a[1]], sigs[b[0]][b[1]]
         if sa[0] == NO_SIGNATURE or sb[0] == NO_SIGNATURE:
             return 0.0
@@ -173,3 +205,5 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
             for file_id, docs in removals.items():
                 with self.output_folder.open(f"{file_id:06d}.remove", "wb") as out:
                     out.write(b"".join(struct.pack("<I", d) for d in sorted(docs)))
+        for rows in sigs.values():
+            rows.close()

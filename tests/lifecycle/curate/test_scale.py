@@ -71,6 +71,25 @@ def test_verified_cluster_keeps_only_duplicates_in_memory(tmp_path):
     assert stage.stats["candidate_pairs"].total == 5 and stage.stats["verified_pairs"].total == 2
 
 
+def test_signature_rows_are_read_not_mapped(tmp_path):
+    """The cluster stage reads full signatures a row at a time (pread): a memory map would count every touched page
+    of a corpus-sized file in the process's RSS."""
+    import numpy as np
+
+    from lifecycle.data.curate.dedup import SignatureRows
+
+    sigs = np.arange(5 * 4, dtype=np.uint64).reshape(5, 4)
+    sigs.tofile(tmp_path / "00000.sig")
+    rows = SignatureRows(tmp_path / "00000.sig", 4)
+    assert len(rows) == 5 and rows[3].tolist() == [12, 13, 14, 15]
+    maps = open(f"/proc/{os.getpid()}/maps").read() if os.path.exists(f"/proc/{os.getpid()}/maps") else ""
+    assert "00000.sig" not in maps
+    with pytest.raises(IndexError, match="row 5 of 5"):
+        rows[5]
+    rows.close()
+    rows.close()  # idempotent
+
+
 def test_tree_sampler_sees_forked_children():
     from lifecycle.data.curate.rss import TreeSampler, process_tree
 
