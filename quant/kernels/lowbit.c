@@ -301,7 +301,20 @@ void lmfq_nf4_linear_f32(const float* x, const uint8_t* qw, const float* absmax,
 /* Dequantizers for steps of many rows (prefill, large batches): rows [r0, r1) of W into out ((r1 - r0, k) fp32,
  * row-major), which a GEMM then reads. Each computes exactly what quant/linear.py's torch dequantize() does (a
  * multiply, then an add: no FMA contraction under -std=c11), so both paths give bit-identical weights. The caller
- * dequantizes a few hundred rows at a time so the fp32 tile stays in cache for the GEMM that follows. */
+ * dequantizes a tile of rows at a time (TILE_BYTES in quant/kernels) so it stays in cache for the GEMM. */
+#if defined(__AVX2__) && defined(__FMA__)
+/* The 32 4-bit codes of one run (16 bytes) as four 8-lane vectors: columns 0-7, 8-15, 16-23, 24-31. */
+static inline void q4_run_codes(const uint8_t* run, __m256i codes[4]) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)run));
+  const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(run + 8)));
+  codes[0] = _mm256_and_si256(b0, mask);
+  codes[1] = _mm256_and_si256(b1, mask);
+  codes[2] = _mm256_srli_epi32(b0, 4);
+  codes[3] = _mm256_srli_epi32(b1, 4);
+}
+#endif
+
 void lmfq_q4_dequant_f32(const uint8_t* qw, const float* scale, const float* offset, float* out, int64_t r0,
                          int64_t r1, int64_t k, int64_t group, int num_threads) {
   const int64_t num_groups = k / group;
@@ -313,13 +326,10 @@ void lmfq_q4_dequant_f32(const uint8_t* qw, const float* scale, const float* off
       const int64_t g = j * num_groups + c / group;
 #if defined(__AVX2__) && defined(__FMA__)
       const __m256 s = _mm256_set1_ps(scale[g]), o = _mm256_set1_ps(offset[g]);
-      const __m256i mask = _mm256_set1_epi32(0x0F);
-      const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2)));
-      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2 + 8)));
-      _mm256_storeu_ps(w + c, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)), s), o));
-      _mm256_storeu_ps(w + c + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)), s), o));
-      _mm256_storeu_ps(w + c + 16, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), s), o));
-      _mm256_storeu_ps(w + c + 24, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), s), o));
+      __m256i codes[4];
+      q4_run_codes(row + c / 2, codes);
+      for (int t = 0; t < 4; ++t)
+        _mm256_storeu_ps(w + c + 8 * t, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(codes[t]), s), o));
 #else
       for (int64_t t = 0; t < 16; ++t) {
         const uint8_t byte = row[c / 2 + t];
@@ -361,13 +371,9 @@ void lmfq_nf4_dequant_f32(const uint8_t* qw, const float* absmax, const float* t
       const float a = absmax[j * num_blocks + c / block];
 #if defined(__AVX2__) && defined(__FMA__)
       const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8), s = _mm256_set1_ps(a);
-      const __m256i mask = _mm256_set1_epi32(0x0F);
-      const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2)));
-      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c / 2 + 8)));
-      _mm256_storeu_ps(w + c, _mm256_mul_ps(nf4_lookup(_mm256_and_si256(b0, mask), tlo, thi), s));
-      _mm256_storeu_ps(w + c + 8, _mm256_mul_ps(nf4_lookup(_mm256_and_si256(b1, mask), tlo, thi), s));
-      _mm256_storeu_ps(w + c + 16, _mm256_mul_ps(nf4_lookup(_mm256_srli_epi32(b0, 4), tlo, thi), s));
-      _mm256_storeu_ps(w + c + 24, _mm256_mul_ps(nf4_lookup(_mm256_srli_epi32(b1, 4), tlo, thi), s));
+      __m256i codes[4];
+      q4_run_codes(row + c / 2, codes);
+      for (int t = 0; t < 4; ++t) _mm256_storeu_ps(w + c + 8 * t, _mm256_mul_ps(nf4_lookup(codes[t], tlo, thi), s));
 #else
       for (int64_t t = 0; t < 16; ++t) {
         const uint8_t byte = row[c / 2 + t];
