@@ -209,29 +209,54 @@ def _stock_pipeline(src: Path, out: Path) -> None:
             return  # the filters kept nothing: datatrove's readers refuse an empty folder
 
 
-def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = (),
+                  memory_limit_mb: float | None = None) -> dict[str, Any]:
     """`lmforge curate run src -o out --workers N` in a child process, its process tree's memory sampled
     (rss.TreeSampler) while it runs; also the child's own ru_maxrss and the largest reaped worker's
-    (RUSAGE_CHILDREN), and the wall seconds."""
+    (RUSAGE_CHILDREN), and the wall seconds. With `memory_limit_mb` the child runs in a memory cgroup with
+    that hard limit (cgroup.MemoryCgroup): its exact peak (anonymous + page cache), limit hits and OOM kills."""
+    import contextlib
+
+    from lifecycle.data.curate.cgroup import MemoryCgroup
     from lifecycle.data.curate.rss import TreeSampler
 
     code = ("import resource, sys; from lifecycle.cli import main; rc = main(sys.argv[1:]); "
             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out),
-                             "--workers", str(workers), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = TreeSampler(proc.pid)
-    sampler.start()
-    stdout, stderr = proc.communicate()
-    tree = sampler.stop()
-    seconds = time.perf_counter() - start
+    limit = MemoryCgroup(memory_limit_mb) if memory_limit_mb else None
+    with limit or contextlib.nullcontext():
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", code, "curate", "run", str(src), "-o", str(out),
+                                 "--workers", str(workers), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=limit.add_self if limit else None)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        stdout, stderr = proc.communicate()
+        tree = sampler.stop()
+        seconds = time.perf_counter() - start
+        cgroup = limit.stats() if limit else None
+    if cgroup and cgroup["oom_kills"]:
+        raise ConfigError(f"memory run killed by its memory limit ({cgroup}); exit {proc.returncode}: "
+                          f"{stderr[-2000:]}")
     if proc.returncode:
         raise ConfigError(f"memory run failed: {stderr[-2000:]}")
     main_kb, worker_kb = map(int, next(ln for ln in stdout.splitlines() if ln.startswith("PEAK")).split()[1:])
     # ru_maxrss is in KiB on Linux
     return {"main_mb": round(main_kb / 1024, 1), "largest_worker_mb": round(worker_kb / 1024, 1),
-            "peak_mb": round(max(main_kb, worker_kb) / 1024, 1), "tree": tree, "seconds": seconds}
+            "peak_mb": round(max(main_kb, worker_kb) / 1024, 1), "tree": tree, "seconds": seconds,
+            **({"cgroup": cgroup} if cgroup else {})}
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    """Write `path` back and ask the kernel to drop its cached pages (posix_fadvise DONTNEED)."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _outcome(out: Path) -> dict[str, Any]:
@@ -246,18 +271,21 @@ def _dir_mb(folder: Path) -> float:
 
 
 def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small_mb: float | None = None,
-                 curate_args: tuple[str, ...] = ()) -> dict[str, Any]:
+                 curate_args: tuple[str, ...] = (), memory_limit_mb: float | None = None) -> dict[str, Any]:
     """Peak memory and speed of the default pipeline on a generated input of `small_mb` (default size_mb / 4)
     and of `size_mb` MB (bench_data.scale_corpus: English and Chinese, planted near and exact duplicates; one
     file, cut into byte ranges for several workers). Bounded memory means the larger run's peak is not larger
     by anything like the extra input. MB/s per core is MB/s / workers (wall-clock: it depends on load).
     Each input and output is deleted once measured (a multi-GB run leaves nothing behind). `curate_args` are
-    added to the `lmforge curate run` command line (e.g. --disable langid --task-mb 128)."""
+    added to the `lmforge curate run` command line (e.g. --disable langid --task-mb 128). `memory_limit_mb`
+    runs both in a memory cgroup with that hard limit (set it below `size_mb`: an input larger than the RAM
+    the run may use); the run fails if the kernel has to OOM-kill anything."""
     import shutil
 
     from lifecycle.data.curate.bench_data import scale_corpus
 
-    result: dict[str, Any] = {"workers": workers, "curate_args": list(curate_args)}
+    result: dict[str, Any] = {"workers": workers, "curate_args": list(curate_args),
+                              "memory_limit_mb": memory_limit_mb}
     small = small_mb if small_mb is not None else max(1.0, size_mb / 4)
     for label, mb in (("small", small), ("large", size_mb)):
         src, out = work / f"mem_{label}" / "input.jsonl", work / f"mem_{label}_out"
@@ -266,12 +294,14 @@ def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small
         generate_s = time.perf_counter() - start
         input_mb, docs = src.stat().st_size / 1e6, generated["documents"]
         src_dir = src.parent
-        rss = _run_measured(src, out, workers, curate_args)
+        if memory_limit_mb:  # the input's pages were cached (and charged) by this process: the run must read it
+            _drop_from_page_cache(src)  # from disk into its own cgroup, or the limit would not cover it
+        rss = _run_measured(src, out, workers, curate_args, memory_limit_mb)
         seconds = rss.pop("seconds")
         result[label] = {"input_mb": round(input_mb, 1), "documents": docs, "generated": generated,
                          "generate_seconds": round(generate_s, 1), "peak_rss_mb": rss["peak_mb"],
                          "tree_rss_mb": rss["tree"]["rss_mb"], "tree_anon_mb": rss["tree"]["anon_mb"],
-                         "tree_pss_mb": rss["tree"]["pss_mb"], "rss": rss,
+                         "tree_pss_mb": rss["tree"]["pss_mb"], "rss": rss, "cgroup": rss.get("cgroup"),
                          "seconds": round(seconds, 1), "mb_per_s": round(input_mb / seconds, 3),
                          "mb_per_s_per_core": round(input_mb / seconds / workers, 3),
                          "docs_per_s": round(docs / seconds, 1), "outcome": _outcome(out),
@@ -287,7 +317,8 @@ def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small
 
 def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memory_mb: float = 100,
               max_docs: int | None = None, workers: int = 1, memory_small_mb: float | None = None,
-              work_dir: str | None = None, rounds: int = 3, curate_args: tuple[str, ...] = ()) -> dict[str, Any]:
+              work_dir: str | None = None, rounds: int = 3, curate_args: tuple[str, ...] = (),
+              memory_limit_mb: float | None = None) -> dict[str, Any]:
     from lifecycle.data.curate.pipeline import quiet_datatrove
 
     root = Path(data_root)
@@ -314,7 +345,7 @@ def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memor
                 result["throughput"] = bench_throughput(root, work, max_docs, rounds)
             elif part == "memory":
                 result["memory"] = bench_memory(root, work, memory_mb, workers, memory_small_mb,
-                                                curate_args)
+                                                curate_args, memory_limit_mb)
             result.setdefault("seconds", {})[part] = round(time.perf_counter() - start, 1)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -366,6 +397,11 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += [f"| {v['input_mb']} MB | {v['documents']} | {v['tree_pss_mb']} MB | {v['tree_rss_mb']} MB ({v['tree_anon_mb']} MB) | "
                   f"{v['rss']['tree']['largest_process_mb']} MB | {v['mb_per_s']} | {v['mb_per_s_per_core']} | "
                   f"{v['docs_per_s']} | {v['outcome']['written']} | {v['seconds']} |" for v in (m["small"], m["large"])]
+        for label in ("small", "large"):
+            if c := m[label].get("cgroup"):
+                lines.append(f"{m[label]['input_mb']} MB input under a {c['limit_mb']} MB cgroup limit (cgroup v"
+                             f"{c['cgroup_version']}): peak {c['peak_mb']} MB (anonymous + page cache), limit hit "
+                             f"{c['limit_hits']} times (page cache reclaimed), {c['oom_kills']} OOM kills.")
         lines += ["", f"Peak tree PSS grew {m['tree_pss_growth_mb']} MB, RSS {m['tree_rss_growth_mb']} MB (anonymous {m['tree_anon_growth_mb']} MB) for "
                   f"{m['input_growth_mb']} MB more input.", ""]
     return "\n".join(lines)
@@ -387,6 +423,9 @@ def add_bench_action(actions: Any) -> None:
                         "(default: --memory-mb / 4)")
     parser.add_argument("--curate-arg", action="append", default=[], help="memory part: an argument added to its "
                         "`lmforge curate run` (repeatable; e.g. --curate-arg=--disable --curate-arg=langid)")
+    parser.add_argument("--memory-limit-mb", type=float, help="memory part: run each curation in a memory cgroup "
+                        "with this hard limit (anonymous memory + page cache; needs a writable cgroup fs); below "
+                        "--memory-mb it shows an input larger than the run's RAM; fails on any OOM kill")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the throughput part")
     parser.add_argument("--work-dir", help="where the generated inputs and runs go (default: the system temp "
                         "dir); removed afterwards")
@@ -397,7 +436,7 @@ def add_bench_action(actions: Any) -> None:
     def _run(args: Any) -> int:
         result = run_bench(args.data_root, args.output, tuple(p for p in args.parts.split(",") if p),
                            args.memory_mb, args.max_docs, args.workers, args.memory_small_mb, args.work_dir,
-                           args.rounds, tuple(args.curate_arg))
+                           args.rounds, tuple(args.curate_arg), args.memory_limit_mb)
         print(to_markdown(result))
         print(f"wrote {args.output}")
         return 0

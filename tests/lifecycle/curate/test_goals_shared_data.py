@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytestmark = pytest.mark.shared_data
@@ -48,21 +50,24 @@ def test_bench_memory_reports_peak_rss_and_mb_per_s_per_core(shared_data, tmp_pa
 
     result = bench_memory(shared_data, tmp_path, size_mb=2, workers=2)
     small, large = result["small"], result["large"]
+    why = json.dumps({k: v for k, v in result.items() if k != "small" and k != "large"} | {
+        label: {k: r[k] for k in ("rss", "tree_pss_mb", "tree_rss_mb", "seconds", "documents")}
+        for label, r in (("small", small), ("large", large))}, default=str)  # printed when an assert fails
     assert small["input_mb"] == pytest.approx(1, abs=0.1) and large["input_mb"] == pytest.approx(2, abs=0.1)
     for run in (small, large):
-        assert run["rss"]["main_mb"] > 50 and run["rss"]["largest_worker_mb"] > 50  # python + torch imported
+        assert run["rss"]["main_mb"] > 50 and run["rss"]["largest_worker_mb"] > 50, why  # python + torch imported
         assert run["peak_rss_mb"] == max(run["rss"]["main_mb"], run["rss"]["largest_worker_mb"])
         assert run["mb_per_s_per_core"] == pytest.approx(run["mb_per_s"] / 2, abs=2e-3) and run["mb_per_s"] > 0
         # the whole tree: the run's main process and its two workers, sampled while they ran
-        assert run["rss"]["tree"]["processes"] >= 3 and run["rss"]["tree"]["samples"] >= 2
+        assert run["rss"]["tree"]["processes"] >= 3 and run["rss"]["tree"]["samples"] >= 2, why
         # sampled every 0.5 s, so it can miss a short peak that ru_maxrss (main_mb) saw: a floor, not a match
         assert 50 < run["rss"]["tree"]["largest_process_mb"] <= 1.05 * max(run["rss"]["main_mb"],
-                                                                          run["rss"]["largest_worker_mb"])
-        assert run["tree_rss_mb"] >= run["tree_pss_mb"] > run["rss"]["main_mb"] / 2
+                                                                          run["rss"]["largest_worker_mb"]), why
+        assert run["tree_rss_mb"] >= run["tree_pss_mb"] > run["rss"]["main_mb"] / 2, why
         assert run["outcome"]["read"] == run["documents"] == run["generated"]["documents"]
         assert run["outcome"]["written"] + sum(run["outcome"]["removed"].values()) == run["documents"]
     assert result["rss_growth_mb"] == pytest.approx(large["peak_rss_mb"] - small["peak_rss_mb"], abs=0.11)
-    assert result["rss_growth_mb"] < 30  # 1 MB more input; the limit is loose: this is about the fields
+    assert result["rss_growth_mb"] < 30, why  # 1 MB more input; the limit is loose: this is about the fields
     assert "MB/s per core" in to_markdown({"memory": result})
 
 
