@@ -212,17 +212,20 @@ def _stock_pipeline(src: Path, out: Path) -> None:
 def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = (),
                   memory_limit_mb: float | None = None) -> dict[str, Any]:
     """`lmforge curate run src -o out --workers N` in a child process, its process tree's memory sampled
-    (rss.TreeSampler) while it runs; also the child's own ru_maxrss and the largest reaped worker's
-    (RUSAGE_CHILDREN), and the wall seconds. With `memory_limit_mb` the child runs in a memory cgroup with
+    (rss.TreeSampler) while it runs; also the child's own peak (VmHWM) and the largest reaped worker's
+    (RUSAGE_CHILDREN ru_maxrss), and the wall seconds. With `memory_limit_mb` the child runs in a memory cgroup with
     that hard limit (cgroup.MemoryCgroup): its exact peak (anonymous + page cache), limit hits and OOM kills."""
     import contextlib
 
     from lifecycle.data.curate.cgroup import MemoryCgroup
     from lifecycle.data.curate.rss import TreeSampler
 
+    # The child's own peak is its VmHWM, not ru_maxrss(RUSAGE_SELF): Linux carries the high-water mark of the
+    # address space a process had before exec into its ru_maxrss, and that was a copy of this (possibly much
+    # larger: a test runner after an engine benchmark, 4.9 GB) process. VmHWM belongs to the exec'd image.
     code = ("import resource, sys; from lifecycle.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+            "hwm = next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM:')); "
+            "print('PEAK', hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
     limit = MemoryCgroup(memory_limit_mb) if memory_limit_mb else None
     with limit or contextlib.nullcontext():
         start = time.perf_counter()
@@ -241,7 +244,7 @@ def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = (
     if proc.returncode:
         raise ConfigError(f"memory run failed: {stderr[-2000:]}")
     main_kb, worker_kb = map(int, next(ln for ln in stdout.splitlines() if ln.startswith("PEAK")).split()[1:])
-    # ru_maxrss is in KiB on Linux
+    # both in KiB
     return {"main_mb": round(main_kb / 1024, 1), "largest_worker_mb": round(worker_kb / 1024, 1),
             "peak_mb": round(max(main_kb, worker_kb) / 1024, 1), "tree": tree, "seconds": seconds,
             **({"cgroup": cgroup} if cgroup else {})}

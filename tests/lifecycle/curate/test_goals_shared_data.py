@@ -60,7 +60,7 @@ def test_bench_memory_reports_peak_rss_and_mb_per_s_per_core(shared_data, tmp_pa
         assert run["mb_per_s_per_core"] == pytest.approx(run["mb_per_s"] / 2, abs=2e-3) and run["mb_per_s"] > 0
         # the whole tree: the run's main process and its two workers, sampled while they ran
         assert run["rss"]["tree"]["processes"] >= 3 and run["rss"]["tree"]["samples"] >= 2, why
-        # sampled every 0.5 s, so it can miss a short peak that ru_maxrss (main_mb) saw: a floor, not a match
+        # sampled every 0.5 s, so it can miss a short peak that VmHWM (main_mb) saw: a floor, not a match
         assert 50 < run["rss"]["tree"]["largest_process_mb"] <= 1.05 * max(run["rss"]["main_mb"],
                                                                           run["rss"]["largest_worker_mb"]), why
         assert run["tree_rss_mb"] >= run["tree_pss_mb"] > run["rss"]["main_mb"] / 2, why
