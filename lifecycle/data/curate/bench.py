@@ -214,7 +214,7 @@ def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = (
     """`lmforge curate run src -o out --workers N` in a child process, its process tree's memory sampled
     (rss.TreeSampler) while it runs; also the child's own peak (VmHWM) and the largest reaped worker's
     (RUSAGE_CHILDREN ru_maxrss), and the wall seconds. With `memory_limit_mb` the child runs in a memory cgroup with
-    that hard limit (cgroup.MemoryCgroup): its exact peak (anonymous + page cache), limit hits and OOM kills."""
+    that hard limit (cgroup.MemoryCgroup): its exact peak (anonymous + page cache) and OOM kills."""
     import contextlib
 
     from lifecycle.data.curate.cgroup import MemoryCgroup
@@ -403,8 +403,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         for label in ("small", "large"):
             if c := m[label].get("cgroup"):
                 lines.append(f"{m[label]['input_mb']} MB input under a {c['limit_mb']} MB cgroup limit (cgroup v"
-                             f"{c['cgroup_version']}): peak {c['peak_mb']} MB (anonymous + page cache), limit hit "
-                             f"{c['limit_hits']} times (page cache reclaimed), {c['oom_kills']} OOM kills.")
+                             f"{c['cgroup_version']}): peak {c['peak_mb']} MB (anonymous + page cache), "
+                             f"{c['oom_kills']} OOM kills.")
         lines += ["", f"Peak tree PSS grew {m['tree_pss_growth_mb']} MB, RSS {m['tree_rss_growth_mb']} MB (anonymous {m['tree_anon_growth_mb']} MB) for "
                   f"{m['input_growth_mb']} MB more input.", ""]
     return "\n".join(lines)

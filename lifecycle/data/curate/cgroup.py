@@ -3,8 +3,8 @@
 "Memory stays bounded on inputs larger than RAM" is shown best by giving a run less RAM than its input: the
 bench starts `lmforge curate run` inside a fresh memory cgroup whose limit is below the input size. The kernel
 then enforces the limit on everything the tree charges: anonymous memory *and* page cache (the input it reads,
-the work files it writes), reclaiming cache when the limit is hit (`limit_hits`) and OOM-killing a process only
-when reclaim cannot make room (`oom_kills`). `peak_mb` is the cgroup's own high-water mark (v1
+the work files it writes), reclaiming cache when the limit is reached and OOM-killing a process only when
+reclaim cannot make room (`oom_kills`). `peak_mb` is the cgroup's own high-water mark (v1
 `memory.max_usage_in_bytes`, v2 `memory.peak`), exact, not sampled; it includes page cache, so a run that reads
 more than the limit shows a peak near the limit by design — the verdict is that it finished with no OOM kill.
 
@@ -106,18 +106,16 @@ class MemoryCgroup:
             f.write(str(os.getpid()))
 
     def stats(self) -> dict[str, float | int]:
-        """Limit, exact peak usage (anonymous + page cache), times the limit forced reclaim, OOM kills."""
+        """Limit, exact peak usage (anonymous + page cache: at the limit when cache filled it and was reclaimed),
+        OOM kills. (Not v1's failcnt: kernels that reclaim before failing a charge leave it at 0 at the limit.)"""
         if self.version == 1:
             peak = int(self._read("memory.max_usage_in_bytes") or 0)
-            hits = int(self._read("memory.failcnt") or 0)
             events = dict(line.split() for line in (self._read("memory.oom_control") or "").splitlines() if line)
-            ooms = int(events.get("oom_kill", 0))
         else:
             peak = int(self._read("memory.peak") or 0)  # kernel >= 5.19
             events = dict(line.split() for line in (self._read("memory.events") or "").splitlines() if line)
-            hits, ooms = int(events.get("max", 0)), int(events.get("oom_kill", 0))
         return {"cgroup_version": self.version, "limit_mb": round(self.limit_bytes / 2**20, 1),
-                "peak_mb": round(peak / 2**20, 1), "limit_hits": hits, "oom_kills": ooms}
+                "peak_mb": round(peak / 2**20, 1), "oom_kills": int(events.get("oom_kill", 0))}
 
     def __exit__(self, *exc: object) -> None:
         try:
