@@ -60,7 +60,7 @@ def test_peak_memory_does_not_grow_with_input(tmp_path):
 
 @pytest.mark.slow
 def test_ray_executor_runs_the_same_pipeline(tmp_path):
-    ray = pytest.importorskip("ray", reason="ray is not installed (optional: pip install ray; ~240 MB)")
+    ray = pytest.importorskip("ray", reason="ray is not installed (`make test` installs it: .[dev] includes .[curate-ray])")
     from lifecycle.data.curate.cli import curate
     from lifecycle.data.curate.config import CurateConfig
 
