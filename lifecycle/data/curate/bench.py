@@ -210,7 +210,7 @@ def _stock_pipeline(src: Path, out: Path) -> None:
 
 
 def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = (),
-                  memory_limit_mb: float | None = None) -> dict[str, Any]:
+                  memory_limit_mb: float | None = None, drop_caches: bool = False) -> dict[str, Any]:
     """`lmforge curate run src -o out --workers N` in a child process, its process tree's memory sampled
     (rss.TreeSampler) while it runs; also the child's own peak (VmHWM) and the largest reaped worker's
     (RUSAGE_CHILDREN ru_maxrss), and the wall seconds. With `memory_limit_mb` the child runs in a memory cgroup with
@@ -250,6 +250,18 @@ def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = (
             **({"cgroup": cgroup} if cgroup else {})}
 
 
+def _drop_all_page_cache() -> None:
+    """sync, then echo 1 > /proc/sys/vm/drop_caches (clean page cache only; needs root)."""
+    import os
+
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+    except OSError as exc:
+        raise ConfigError(f"--drop-caches: cannot write /proc/sys/vm/drop_caches ({exc.strerror}); run as root "
+                          "or leave it out") from exc
+
+
 def _drop_from_page_cache(path: Path) -> None:
     """Write `path` back and ask the kernel to drop its cached pages (posix_fadvise DONTNEED)."""
     import os
@@ -274,7 +286,8 @@ def _dir_mb(folder: Path) -> float:
 
 
 def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small_mb: float | None = None,
-                 curate_args: tuple[str, ...] = (), memory_limit_mb: float | None = None) -> dict[str, Any]:
+                 curate_args: tuple[str, ...] = (), memory_limit_mb: float | None = None,
+                 drop_caches: bool = False) -> dict[str, Any]:
     """Peak memory and speed of the default pipeline on a generated input of `small_mb` (default size_mb / 4)
     and of `size_mb` MB (bench_data.scale_corpus: English and Chinese, planted near and exact duplicates; one
     file, cut into byte ranges for several workers). Bounded memory means the larger run's peak is not larger
@@ -282,13 +295,15 @@ def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small
     Each input and output is deleted once measured (a multi-GB run leaves nothing behind). `curate_args` are
     added to the `lmforge curate run` command line (e.g. --disable langid --task-mb 128). `memory_limit_mb`
     runs both in a memory cgroup with that hard limit (set it below `size_mb`: an input larger than the RAM
-    the run may use); the run fails if the kernel has to OOM-kill anything."""
+    the run may use); the run fails if the kernel has to OOM-kill anything. `drop_caches` empties the kernel's
+    page cache before each run (root; system-wide), so both start cold and a cgroup is charged for every file
+    its run reads, the libraries' and models' included (else the first run pays for them and the second not)."""
     import shutil
 
     from lifecycle.data.curate.bench_data import scale_corpus
 
     result: dict[str, Any] = {"workers": workers, "curate_args": list(curate_args),
-                              "memory_limit_mb": memory_limit_mb}
+                              "memory_limit_mb": memory_limit_mb, "drop_caches": drop_caches}
     small = small_mb if small_mb is not None else max(1.0, size_mb / 4)
     for label, mb in (("small", small), ("large", size_mb)):
         src, out = work / f"mem_{label}" / "input.jsonl", work / f"mem_{label}_out"
@@ -297,7 +312,9 @@ def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small
         generate_s = time.perf_counter() - start
         input_mb, docs = src.stat().st_size / 1e6, generated["documents"]
         src_dir = src.parent
-        if memory_limit_mb:  # the input's pages were cached (and charged) by this process: the run must read it
+        if drop_caches:
+            _drop_all_page_cache()
+        elif memory_limit_mb:  # the input's pages were cached (and charged) by this process: the run must read it
             _drop_from_page_cache(src)  # from disk into its own cgroup, or the limit would not cover it
         rss = _run_measured(src, out, workers, curate_args, memory_limit_mb)
         seconds = rss.pop("seconds")
@@ -321,7 +338,7 @@ def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small
 def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memory_mb: float = 100,
               max_docs: int | None = None, workers: int = 1, memory_small_mb: float | None = None,
               work_dir: str | None = None, rounds: int = 3, curate_args: tuple[str, ...] = (),
-              memory_limit_mb: float | None = None) -> dict[str, Any]:
+              memory_limit_mb: float | None = None, drop_caches: bool = False) -> dict[str, Any]:
     from lifecycle.data.curate.pipeline import quiet_datatrove
 
     root = Path(data_root)
@@ -348,7 +365,7 @@ def run_bench(data_root: str, output: str, parts: tuple[str, ...] = PARTS, memor
                 result["throughput"] = bench_throughput(root, work, max_docs, rounds)
             elif part == "memory":
                 result["memory"] = bench_memory(root, work, memory_mb, workers, memory_small_mb,
-                                                curate_args, memory_limit_mb)
+                                                curate_args, memory_limit_mb, drop_caches)
             result.setdefault("seconds", {})[part] = round(time.perf_counter() - start, 1)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -429,6 +446,8 @@ def add_bench_action(actions: Any) -> None:
     parser.add_argument("--memory-limit-mb", type=float, help="memory part: run each curation in a memory cgroup "
                         "with this hard limit (anonymous memory + page cache; needs a writable cgroup fs); below "
                         "--memory-mb it shows an input larger than the run's RAM; fails on any OOM kill")
+    parser.add_argument("--drop-caches", action="store_true", help="memory part: sync and empty the kernel's page "
+                        "cache before each run (root, system-wide), so every run starts cold")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the throughput part")
     parser.add_argument("--work-dir", help="where the generated inputs and runs go (default: the system temp "
                         "dir); removed afterwards")
@@ -439,7 +458,7 @@ def add_bench_action(actions: Any) -> None:
     def _run(args: Any) -> int:
         result = run_bench(args.data_root, args.output, tuple(p for p in args.parts.split(",") if p),
                            args.memory_mb, args.max_docs, args.workers, args.memory_small_mb, args.work_dir,
-                           args.rounds, tuple(args.curate_arg), args.memory_limit_mb)
+                           args.rounds, tuple(args.curate_arg), args.memory_limit_mb, args.drop_caches)
         print(to_markdown(result))
         print(f"wrote {args.output}")
         return 0
