@@ -210,7 +210,7 @@ def _stock_pipeline(src: Path, out: Path) -> None:
 
 
 def _run_measured(src: Path, out: Path, workers: int, extra: tuple[str, ...] = (),
-                  memory_limit_mb: float | None = None, drop_caches: bool = False) -> dict[str, Any]:
+                  memory_limit_mb: float | None = None) -> dict[str, Any]:
     """`lmforge curate run src -o out --workers N` in a child process, its process tree's memory sampled
     (rss.TreeSampler) while it runs; also the child's own peak (VmHWM) and the largest reaped worker's
     (RUSAGE_CHILDREN ru_maxrss), and the wall seconds. With `memory_limit_mb` the child runs in a memory cgroup with
