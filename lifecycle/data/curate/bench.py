@@ -321,7 +321,7 @@ def bench_memory(root: Path, work: Path, size_mb: float, workers: int = 1, small
         result[label] = {"input_mb": round(input_mb, 1), "documents": docs, "generated": generated,
                          "generate_seconds": round(generate_s, 1), "peak_rss_mb": rss["peak_mb"],
                          "tree_rss_mb": rss["tree"]["rss_mb"], "tree_anon_mb": rss["tree"]["anon_mb"],
-                         "tree_pss_mb": rss["tree"]["pss_mb"], "rss": rss, "cgroup": rss.get("cgroup"),
+                         "tree_pss_mb": rss["tree"]["pss_mb"], "cgroup": rss.pop("cgroup", None), "rss": rss,
                          "seconds": round(seconds, 1), "mb_per_s": round(input_mb / seconds, 3),
                          "mb_per_s_per_core": round(input_mb / seconds / workers, 3),
                          "docs_per_s": round(docs / seconds, 1), "outcome": _outcome(out),

@@ -50,7 +50,7 @@ def test_bench_memory_reports_peak_rss_and_mb_per_s_per_core(shared_data, tmp_pa
 
     result = bench_memory(shared_data, tmp_path, size_mb=2, workers=2)
     small, large = result["small"], result["large"]
-    why = json.dumps({k: v for k, v in result.items() if k != "small" and k != "large"} | {
+    why = json.dumps({k: v for k, v in result.items() if k not in ("small", "large")} | {
         label: {k: r[k] for k in ("rss", "tree_pss_mb", "tree_rss_mb", "seconds", "documents")}
         for label, r in (("small", small), ("large", large))}, default=str)  # printed when an assert fails
     assert small["input_mb"] == pytest.approx(1, abs=0.1) and large["input_mb"] == pytest.approx(2, abs=0.1)
