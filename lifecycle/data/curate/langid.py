@@ -11,6 +11,14 @@ Mixed documents: when a document mixes scripts (say Chinese with English sentenc
 `detect_multiple_languages_of` splits it into runs and each language's share is its share of the
 characters; the dominant language labels the document if its share is high enough. Single-script
 documents take the cheaper whole-text confidence values.
+
+Memory: lingua loads a language's n-gram models the first time a text needs them, into a cache that lives as
+long as the process, and which models a text needs depends on its characters and length: 40k plain English
+documents loaded ~9 MB, then one WikiText line with a "½" in it loaded ~180 MB at once (docs/BENCHMARKS.md,
+curation memory). Left lazy, every worker would jump by up to the whole model set at some document of the
+input. `preload_models` loads all candidates' models (~244 MB for the default twelve) in the main process
+before the workers fork, so they share one copy (read-only pages stay shared after fork) and the memory is
+there from the start instead of appearing mid-run.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-
 _LETTER = re.compile(r"[^\W\d_]")
 
 
-def build_detector(candidates: tuple[str, ...]):
+def build_detector(candidates: tuple[str, ...], *, preload: bool = False):
+    """A lingua detector over `candidates`. `preload` loads every model now (see preload_models)."""
     from lingua import IsoCode639_1, LanguageDetectorBuilder
 
     codes = []
@@ -39,7 +48,17 @@ def build_detector(candidates: tuple[str, ...]):
         codes.append(iso)
     if len(codes) < 2:
         raise ConfigError("langid.candidates: lingua needs at least two candidate languages")
-    return LanguageDetectorBuilder.from_iso_codes_639_1(*codes).build()
+    builder = LanguageDetectorBuilder.from_iso_codes_639_1(*codes)
+    return (builder.with_preloaded_language_models() if preload else builder).build()
+
+
+def preload_models(candidates: tuple[str, ...]) -> None:
+    """Load all of `candidates`' models into this process's lingua cache (process-wide: detectors built later,
+    lazily, find them there). Call it in the main process before forking workers, never in a forked child:
+    lingua preloads on a rayon thread pool, and a child forked after that pool started has none of its threads,
+    so a preload there hangs. Lazy detection in the child uses no pool and reads the inherited models (tested:
+    tests/lifecycle/curate/test_langid_memory.py)."""
+    build_detector(candidates, preload=True)  # the detector is dropped; the models stay cached
 
 
 def script_mix(text: str) -> tuple[int, int]:

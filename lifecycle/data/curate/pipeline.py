@@ -181,7 +181,13 @@ def run_pipeline(config: CurateConfig, files: dict[str, str], *, show_progress: 
     total = len(stages) + 1
     for number, (name, steps, tasks) in enumerate(stages, 1):
         log.info("stage %d/%d: %s (%d tasks)", number, total, name, tasks)
-        _executor(config, steps, tasks, paths.logs(name)).run()
+        executor = _executor(config, steps, tasks, paths.logs(name))
+        if name == "filter" and config.langid.enabled and config.executor == "local" \
+                and executor.get_incomplete_ranks():
+            from lifecycle.data.curate.langid import preload_models
+
+            preload_models(config.langid.candidates)  # once, shared by the forked workers (langid.py, memory)
+        executor.run()
         if name == stop_after:
             return paths
 
