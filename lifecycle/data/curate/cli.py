@@ -129,8 +129,8 @@ def add_command(sub: Any) -> None:
     run.add_argument("--config", help="YAML with sections langid, clean, quality, perplexity, classifier, pii, "
                                       "dedup, decontam, mix, pack (lifecycle/data/curate/config.py)")
     run.add_argument("--workers", type=int, help="local worker processes (default 1)")
-    run.add_argument("--task-mb", type=int, help="input MB per task at most: tasks per stage = max(workers, input "
-                     "MB / this) (default 256; bounds each task's memory)")
+    run.add_argument("--task-mb", type=int, help="input MB per task at most: tasks per stage = input MB / this, "
+                     "rounded up to a multiple of --workers (default 256; bounds each task's memory)")
     run.add_argument("--executor", choices=["local", "ray"], help="datatrove executor (default local)")
     run.add_argument("--text-field", help='field/column holding the text (default "text")')
     run.add_argument("--txt-mode", choices=["line", "paragraph", "file"], help="how .txt files split into documents")

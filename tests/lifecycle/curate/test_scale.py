@@ -127,6 +127,28 @@ def test_scale_corpus_streams_planted_duplicates(shared_data, tmp_path):
     assert scale_corpus(shared_data, tmp_path / "again.jsonl", 2, near_rate=0.1, exact_rate=0.1) == counts
 
 
+def test_tasks_are_a_multiple_of_the_workers_and_none_holds_more_than_task_mb(tmp_path):
+    from lifecycle.data.curate.config import CurateConfig
+    from lifecycle.data.curate.pipeline import num_tasks
+
+    src = tmp_path / "in.jsonl"
+    with open(src, "wb") as fh:
+        fh.truncate(5_000_001)  # a sparse 5 MB file: only its size matters here
+
+    def tasks(workers: int, task_mb: int) -> int:
+        config = CurateConfig(inputs=(str(src),), output_dir=str(tmp_path / "out"), workers=workers, task_mb=task_mb)
+        return num_tasks(config, {str(src): "in"})
+
+    assert tasks(1, 256) == 1 and tasks(2, 256) == 2 and tasks(3, 256) == 3  # small input: one task per worker
+    assert tasks(1, 1) == 6  # 5.000001 MB in tasks of at most 1 MB
+    assert tasks(2, 1) == 6 and tasks(4, 1) == 8 and tasks(5, 1) == 10  # rounded up to full rounds of workers
+    assert tasks(2, 2) == 4 and tasks(3, 5) == 3
+    for workers in (1, 2, 3, 4):
+        for task_mb in (1, 2, 3, 5, 256):
+            n = tasks(workers, task_mb)
+            assert n % workers == 0 and 5_000_001 / n <= task_mb * 1_000_000, (workers, task_mb, n)
+
+
 def test_input_beyond_workers_times_task_mb_runs_as_more_tasks_with_the_same_output(tmp_path):
     from lifecycle.data.curate.cli import curate
     from lifecycle.data.curate.config import CurateConfig, LangIdConfig, QualityConfig
