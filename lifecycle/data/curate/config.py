@@ -225,9 +225,9 @@ class CurateConfig:
     # With several workers, an input file larger than its share of the bytes (and than this) is cut into
     # line-aligned byte ranges that workers read in parallel (uncompressed jsonl and line/paragraph txt).
     split_bytes: int = 4 << 20
-    # Tasks per stage = input MB / task_mb rounded up to a multiple of workers: what a task holds at the end of the exact- and
-    # MinHash-signature steps (its documents' hashes, sorted in memory) grows with its share of the input, so
-    # a corpus larger than RAM is cut into more tasks than workers rather than into bigger ones.
+    # Tasks per stage = input MB / task_mb, rounded up to a multiple of workers: what a task holds at the end of
+    # the exact- and MinHash-signature steps (its documents' hashes, sorted in memory) grows with its share of the
+    # input, so a corpus larger than RAM is cut into more tasks than workers rather than into bigger ones.
     task_mb: int = 256
     executor: str = "local"  # local | ray
     docs_per_shard: int = 100_000  # output shards hold at most this many documents

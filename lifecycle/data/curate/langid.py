@@ -13,10 +13,10 @@ characters; the dominant language labels the document if its share is high enoug
 documents take the cheaper whole-text confidence values.
 
 Memory: lingua loads a language's n-gram models the first time a text needs them, into a cache that lives as
-long as the process, and which models a text needs depends on its characters and length: 40k plain English
-documents loaded ~9 MB, then one WikiText line with a "½" in it loaded ~180 MB at once (docs/BENCHMARKS.md,
-curation memory). Left lazy, every worker would jump by up to the whole model set at some document of the
-input. `preload_models` loads all candidates' models (~244 MB for the default twelve) in the main process
+long as the process, and which models a text needs depends on its characters and length: tens of thousands of
+English and Chinese documents needed ~9 MB, then one WikiText line with a "½" in it loaded ~180 MB at once
+(docs/BENCHMARKS.md, curation memory). Left lazy, every worker would jump by up to the whole model set at some
+document of the input. `preload_models` loads all candidates' models (~244 MB for the default twelve) in the main process
 before the workers fork, so they share one copy (read-only pages stay shared after fork) and the memory is
 there from the start instead of appearing mid-run.
 """
