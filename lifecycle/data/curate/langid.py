@@ -59,6 +59,21 @@ def preload_models(candidates: tuple[str, ...]) -> None:
     so a preload there hangs. Lazy detection in the child uses no pool and reads the inherited models (tested:
     tests/lifecycle/curate/test_langid_memory.py)."""
     build_detector(candidates, preload=True)  # the detector is dropped; the models stay cached
+    release_free_heap()
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Parsing lingua's model
+    files leaves 20-50 MB freed but still resident (measured over runs of preload_models: 258-304 MB resident
+    after the load, 218-251 MB after the trim): without it every forked worker starts with that garbage mapped."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
 
 
 def script_mix(text: str) -> tuple[int, int]:

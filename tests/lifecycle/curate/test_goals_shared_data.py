@@ -45,10 +45,16 @@ def test_near_duplicate_precision_and_recall(shared_data, tmp_path):
 
 def test_bench_memory_reports_peak_rss_and_mb_per_s_per_core(shared_data, tmp_path):
     """`lmforge bench curate --parts memory --workers 2`: one generated file split over two workers; peak RSS of
-    the main process and of the largest worker, MB/s and MB/s per core, for a 1 MB and a 2 MB input."""
+    the main process and of the largest worker, MB/s and MB/s per core, for a 1 MB and a 2 MB input.
+
+    Language id is off: its models (loaded once, before the workers fork) take 220-300 MB, a different amount in
+    each process (measured: eight loads of the same twelve languages, 223-275 MB resident), so two runs' peaks
+    differ by up to ~50 MB whatever the input; this compares the two runs, so the rest of the pipeline is what it
+    measures. (It failed CI with langid on: 864 -> 897 MB main peak, 1 MB more input.) Language id's memory has its
+    own test (test_langid_memory.py)."""
     from lifecycle.data.curate.bench import bench_memory, to_markdown
 
-    result = bench_memory(shared_data, tmp_path, size_mb=2, workers=2)
+    result = bench_memory(shared_data, tmp_path, size_mb=2, workers=2, curate_args=("--disable", "langid"))
     small, large = result["small"], result["large"]
     why = json.dumps({k: v for k, v in result.items() if k not in ("small", "large")} | {
         label: {k: r[k] for k in ("rss", "tree_pss_mb", "tree_rss_mb", "seconds", "documents")}
