@@ -119,7 +119,14 @@ def _fsync_tree(root: Path) -> None:
 
 def publish_directory(tmp: Path, out_dir: Path) -> None:
     """Make the finished directory `tmp` appear at `out_dir` by renames: synced first, and an existing `out_dir` is
-    moved aside before the swap, so a crash at any point leaves the old or the new one whole."""
+    moved aside before the swap, so a crash at any point leaves the old or the new one whole. Its files get the
+    mode a plain write would (umask), not the writers' temporary-file 0o600 (data/manifest.default_file_mode)."""
+    from lifecycle.data.manifest import default_file_mode, umask
+
+    file_mode, dir_mode = default_file_mode(), 0o777 & ~umask()
+    for path in [tmp, *tmp.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(dir_mode if path.is_dir() else file_mode)
     _fsync_tree(tmp)
     if out_dir.exists():
         trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"

@@ -33,6 +33,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc; elsewhere set-and-restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` would give a new file: 0o666 less the umask (0o644 under the usual 022).
+    Temporary files (mkstemp, and transformers' own save of model.safetensors) are 0o600: published as they are,
+    a checkpoint or report is unreadable to every other user, e.g. the serving container's."""
+    return 0o666 & ~umask()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` so readers see the old file or the new one, never half of one.
 
@@ -42,6 +63,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp's 0o600 would outlive the rename
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
             fh.flush()

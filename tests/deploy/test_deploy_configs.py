@@ -122,7 +122,9 @@ def test_compose_wires_server_prometheus_and_grafana():
 
 def test_dockerfile_runs_lmforge_serve_with_flags_it_has():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
+    # python:3.11-slim unless the build names another base (deploy/offline builds a stand-in without a registry)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
+    assert re.findall(r"^FROM .+$", text, re.MULTILINE) == ["FROM ${BASE_IMAGE}"]
     assert 'pip install ".[serve]"' in text
     cmd = dockerfile_cmd()
     assert cmd[:2] == ["lmforge", "serve"]
@@ -130,3 +132,20 @@ def test_dockerfile_runs_lmforge_serve_with_flags_it_has():
     assert args.subcommand == "serve" and args.model == "/models/current" and args.host == "0.0.0.0"
     exposed = set(re.search(r"^EXPOSE (.+)$", text, re.MULTILINE).group(1).split())
     assert exposed == {flag_value(cmd, f) for f in ("--port", "--http-port", "--metrics-port")}
+
+
+def test_offline_verification_kit_fits_the_compose_file_and_the_dockerfile():
+    """deploy/offline/verify.sh (run by hand: needs dockerd and debootstrap; deploy/README.md, Verified) swaps
+    only services that docker-compose.yml has, builds with build args the Dockerfile declares, and parses."""
+    offline = DEPLOY / "offline"
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    override = yaml.safe_load((offline / "compose.offline.yml").read_text())
+    assert set(override["services"]) <= set(compose["services"])
+    script = (offline / "verify.sh").read_text()
+    declared = set(re.findall(r"^ARG (\w+)", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE))
+    assert set(re.findall(r"--build-arg (\w+)=", script)) <= declared == {"BASE_IMAGE", "PIP_EXTRA_INDEX_URL",
+                                                                            "PIP_FIND_LINKS"}
+    assert subprocess.run(["bash", "-n", str(offline / "verify.sh")]).returncode == 0
+    for name in ("base.Dockerfile", "prometheus.Dockerfile"):
+        assert re.search(r"^FROM \$\{DEBIAN_IMAGE\}$", (offline / name).read_text(), re.MULTILINE), name
+

@@ -77,6 +77,30 @@ def test_damaged_file_is_refused_naming_it(tmp_path, model_and_tokenizer, damage
         load_checkpoint(ckpt.path)
 
 
+def test_files_get_the_umask_mode_not_the_temporary_files_0600(tmp_path, model_and_tokenizer):
+    """transformers 5.19 writes model.safetensors through a 0o600 temporary file and mkstemp makes 0o600 files: a
+    checkpoint published with those modes could not be read by the serving container's own user (found running
+    deploy/Dockerfile with a mounted checkpoint: PermissionError on model.safetensors)."""
+    from lifecycle.data.manifest import atomic_write_text
+
+    model, tok = model_and_tokenizer
+    old = os.umask(0o022)
+    try:
+        ckpt = _save(tmp_path, model, tok)
+        atomic_write_text(tmp_path / "report.json", "{}")
+        os.umask(0o077)  # a private umask is honoured, not widened
+        private = _save(tmp_path, model, tok, name="private")
+    finally:
+        os.umask(old)
+    files = [p for p in ckpt.path.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+    assert ckpt.path.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+    assert {p.stat().st_mode & 0o777 for p in private.path.rglob("*") if p.is_file()} == {0o600}
+    load_checkpoint(ckpt.path)  # hashes unchanged by the chmod
+
+
 def test_save_is_atomic_when_interrupted(tmp_path, model_and_tokenizer):
     model, tok = model_and_tokenizer
 
