@@ -28,7 +28,8 @@ from serve.client import Client
 from .conftest import wait_until
 
 PROMETHEUS = shutil.which("prometheus")
-ALERTS = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "alerts.yml"
+ROOT = Path(__file__).resolve().parents[3]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is not installed (Debian package "
                                                            "`prometheus`; `make test` installs it)")
 
@@ -180,3 +181,27 @@ def test_prometheus_sees_exactly_what_the_clients_saw(served):
     (group,) = rules["data"]["groups"]
     assert len(group["rules"]) == 7 and all(rule["health"] == "ok" for rule in group["rules"]
                                             if rule.get("lastEvaluation", "").startswith("2")), group["rules"]
+
+    # The Grafana dashboard's data path (Grafana itself cannot be installed here): every panel's query, with the
+    # dashboard's variables as Grafana would substitute them, runs on this Prometheus, and the panels this load
+    # touched return data.
+    def results(promql: str) -> list:
+        promql = promql.replace("$model_name", ".*").replace("$__rate_interval", "1m")
+        url = f"{prometheus.url}/api/v1/query?query={urllib.parse.quote(promql)}"
+        reply = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert reply["status"] == "success", (promql, reply)
+        return reply["data"]["result"]
+
+    # rate() needs two samples in its window: the gRPC series were born with the load, a few scrapes ago
+    wait_until(lambda: results("rate(lmforge:grpc_server_handled_total[$__rate_interval])"),
+               "two scrapes of the series the load created")
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboard.json").read_text())
+    answered = {}
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            answered[panel["title"]] = bool(results(target["expr"])) or answered.get(panel["title"], False)
+    touched = {"Time to first token", "Inter-token latency", "End-to-end request latency", "Tokens per second",
+               "Finished requests per second", "Running and waiting requests", "gRPC calls per second by status",
+               "KV-cache usage", "gRPC p99 latency by method"}
+    assert touched <= set(answered) and all(answered[title] for title in touched), \
+        {title: has_data for title, has_data in answered.items() if not has_data}
