@@ -59,7 +59,7 @@ def test_verified_cluster_keeps_only_duplicates_in_memory(tmp_path):
     from lifecycle.data.curate.dedup import VerifiedMinhashCluster
 
     cfg = DedupConfig(bands=2, rows=2, threshold=0.75)
-    sigs = np.array([[1, 2, 3, 4], [1, 2, 3, 9], [7, 8, 9, 10], [1, 2, 3, 4], [5, 5, 5, 5]], dtype=np.uint64)
+    sigs = np.array([[1, 2, 3, 4], [1, 2, 3, 9], [7, 8, 9, 10], [1, 2, 3, 4], [5, 5, 5, 5]], dtype="<u2")
     (tmp_path / "sigs" / "full").mkdir(parents=True)
     sigs.tofile(tmp_path / "sigs" / "full" / "00000.sig")
     # 0~1 agree on 3/4, 1~3 on 3/4 (0~3 on 4/4: one cluster); 0~2 and 2~4 are candidates that fail (0/4)
@@ -78,7 +78,7 @@ def test_signature_rows_are_read_not_mapped(tmp_path):
 
     from lifecycle.data.curate.dedup import SignatureRows
 
-    sigs = np.arange(5 * 4, dtype=np.uint64).reshape(5, 4)
+    sigs = np.arange(5 * 4, dtype="<u2").reshape(5, 4)
     sigs.tofile(tmp_path / "00000.sig")
     rows = SignatureRows(tmp_path / "00000.sig", 4)
     assert len(rows) == 5 and rows[3].tolist() == [12, 13, 14, 15]
