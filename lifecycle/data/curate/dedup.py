@@ -105,7 +105,7 @@ class CjkMinhashSignature(MinhashDedupSignature):
         self._full = None
 
 
-def _unsigned(row: np.ndarray) -> bool:
+def _no_signature(row: np.ndarray) -> bool:
     """The record of a document that had no shingles (a real signature has every value 0xFFFF with
     probability 2^-16^num_hashes)."""
     return bool(row[0] == NO_SIGNATURE and (row == NO_SIGNATURE).all())
@@ -118,9 +118,8 @@ class SignatureRows:
     touched, so mapping 960 B per document grew the cluster stage's RSS with the corpus (docs/BENCHMARKS.md,
     curation memory). pread copies the one row asked for; the kernel's page cache still does the caching."""
 
-    def __init__(self, path: Path, num_hashes: int, dtype: np.dtype = SIGNATURE_DTYPE) -> None:
-        self.path, self.dtype = path, np.dtype(dtype)
-        self.row_bytes = self.dtype.itemsize * num_hashes
+    def __init__(self, path: Path, num_hashes: int) -> None:
+        self.path, self.row_bytes = path, SIGNATURE_DTYPE.itemsize * num_hashes
         self.num_rows = path.stat().st_size // self.row_bytes
         self._fd = os.open(path, os.O_RDONLY)
 
@@ -133,7 +132,7 @@ class SignatureRows:
         data = os.pread(self._fd, self.row_bytes, i * self.row_bytes)
         if len(data) != self.row_bytes:
             raise OSError(f"{self.path}: short read at row {i}")
-        return np.frombuffer(data, dtype=self.dtype)
+        return np.frombuffer(data, dtype=SIGNATURE_DTYPE)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -164,7 +163,7 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
 
     def similarity(self, sigs: dict[int, SignatureRows], a: tuple[int, int], b: tuple[int, int]) -> float:
         sa, sb = sigs[a[0]][a[1]], sigs[b[0]][b[1]]
-        if _unsigned(sa) or _unsigned(sb):
+        if _no_signature(sa) or _no_signature(sb):
             return 0.0
         # In expectation s + (1 - s) * 2^-16: a bias below 1.6e-5, against a sampling error of ~0.045 at 120
         # hashes. Not corrected, so a pair agreeing on exactly `threshold` of its values still passes.

@@ -64,8 +64,8 @@ def preload_models(candidates: tuple[str, ...]) -> None:
 
 def release_free_heap() -> None:
     """Give the heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Parsing lingua's model
-    files leaves 20-50 MB freed but still resident (measured over runs of preload_models: 258-304 MB resident
-    after the load, 218-251 MB after the trim): without it every forked worker starts with that garbage mapped."""
+    files leaves 20-50 MB freed but still resident (measured over fresh processes' preload_models: 258-304 MB
+    resident after the load, 218-275 MB after the trim): without it every forked worker starts with that garbage mapped."""
     import ctypes
     import ctypes.util
 

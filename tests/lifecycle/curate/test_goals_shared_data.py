@@ -48,7 +48,7 @@ def test_bench_memory_reports_peak_rss_and_mb_per_s_per_core(shared_data, tmp_pa
     the main process and of the largest worker, MB/s and MB/s per core, for a 1 MB and a 2 MB input.
 
     Language id is off: its models (loaded once, before the workers fork) take 220-300 MB, a different amount in
-    each process (measured: eight loads of the same twelve languages, 223-275 MB resident), so two runs' peaks
+    each process (measured: fresh processes loading the same twelve languages, 218-304 MB resident), so two runs' peaks
     differ by up to ~50 MB whatever the input; this compares the two runs, so the rest of the pipeline is what it
     measures. (It failed CI with langid on: 864 -> 897 MB main peak, 1 MB more input.) Language id's memory has its
     own test (test_langid_memory.py)."""
