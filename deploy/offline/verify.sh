@@ -19,7 +19,6 @@ HERE=$ROOT/deploy/offline
 CA=${CA:-/etc/ssl/certs/ca-certificates.crt}
 WORK=$(mktemp -d /tmp/lmforge-offline.XXXXXX)
 WHEEL_PORT=8765
-DOCKER="docker"
 export DOCKER_BUILDKIT=0  # the classic builder: no buildx plugin needed (it ignores Dockerfile.dockerignore, so the
                           # context is a `git archive` of the sources)
 cleanup() {
@@ -33,24 +32,24 @@ cleanup() {
 trap cleanup EXIT
 step() { printf '\n== %s\n' "$*"; }
 
-if ! $DOCKER info >/dev/null 2>&1; then
+if ! docker info >/dev/null 2>&1; then
   step "starting dockerd (no iptables: containers use the host's network for builds, the bridge for compose)"
   dockerd --iptables=false --ip-masq=false >/tmp/lmforge-dockerd.log 2>&1 &
-  for _ in $(seq 30); do $DOCKER info >/dev/null 2>&1 && break; sleep 1; done
+  for _ in $(seq 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
 fi
 
-if ! $DOCKER image inspect local/debian:bookworm >/dev/null 2>&1; then
+if ! docker image inspect local/debian:bookworm >/dev/null 2>&1; then
   step "Debian 12 base image from debootstrap"
   debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian >/dev/null
-  tar -C "$WORK/rootfs" -c . | $DOCKER import - local/debian:bookworm >/dev/null
+  tar -C "$WORK/rootfs" -c . | docker import - local/debian:bookworm >/dev/null
   rm -rf "$WORK/rootfs"
 fi
 
 step "stand-in images: local/python:3.11-slim, local/prometheus:debian"
 mkdir -p "$WORK/base"
 cp "$CA" "$WORK/base/ca.crt"
-$DOCKER build -q --network host -f "$HERE/base.Dockerfile" -t local/python:3.11-slim "$WORK/base" >/dev/null
-$DOCKER build -q --network host -f "$HERE/prometheus.Dockerfile" -t local/prometheus:debian "$WORK/base" >/dev/null
+docker build -q --network host -f "$HERE/base.Dockerfile" -t local/python:3.11-slim "$WORK/base" >/dev/null
+docker build -q --network host -f "$HERE/prometheus.Dockerfile" -t local/prometheus:debian "$WORK/base" >/dev/null
 
 step "lmforge image from deploy/Dockerfile (sources of $(git -C "$ROOT" rev-parse --short HEAD) + uncommitted changes)"
 mkdir -p "$WORK/src"
@@ -62,9 +61,9 @@ if [ -n "${WHEELS:-}" ]; then
   FIND_LINKS=http://127.0.0.1:$WHEEL_PORT/
   sleep 1
 fi
-$DOCKER build -q --network host -f "$WORK/src/deploy/Dockerfile" --build-arg BASE_IMAGE=local/python:3.11-slim \
+docker build -q --network host -f "$WORK/src/deploy/Dockerfile" --build-arg BASE_IMAGE=local/python:3.11-slim \
   --build-arg PIP_FIND_LINKS="$FIND_LINKS" -t lmforge:latest "$WORK/src" >/dev/null
-$DOCKER run --rm --entrypoint python lmforge:latest -c \
+docker run --rm --entrypoint python lmforge:latest -c \
   "import torch, lifecycle; print('image: torch', torch.__version__, '| lmforge', lifecycle.__version__)"
 
 step "docker-compose up server prometheus (checkpoint $CHECKPOINT)"
@@ -73,9 +72,9 @@ export LMFORGE_MODEL=$CHECKPOINT
 docker-compose -p lmforge-offline -f deploy/docker-compose.yml -f "$HERE/compose.offline.yml" \
   up -d --no-build server prometheus
 for i in $(seq 120); do
-  status=$($DOCKER inspect -f '{{.State.Health.Status}}' lmforge-offline_server_1 2>/dev/null || echo none)
+  status=$(docker inspect -f '{{.State.Health.Status}}' lmforge-offline_server_1 2>/dev/null || echo none)
   [ "$status" = healthy ] && break
-  [ "$i" = 120 ] && { $DOCKER logs lmforge-offline_server_1 | tail -20; echo "FAIL: server not healthy"; exit 1; }
+  [ "$i" = 120 ] && { docker logs lmforge-offline_server_1 | tail -20; echo "FAIL: server not healthy"; exit 1; }
   sleep 2
 done
 echo "PASS: server container healthy (its HEALTHCHECK: GET /health)"
@@ -87,7 +86,7 @@ for _ in $(seq $N); do
     >/dev/null
 done
 echo "PASS: $N completions through the published OpenAI port 8000"
-$DOCKER run --rm --network host --entrypoint python lmforge:latest -c "
+docker run --rm --network host --entrypoint python lmforge:latest -c "
 from serve.client import Client
 c = Client('127.0.0.1:50051')
 assert c.health() == 'SERVING'

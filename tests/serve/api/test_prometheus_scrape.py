@@ -64,12 +64,16 @@ class PrometheusApi:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def value(self, promql: str) -> float | None:
-        """An instant query's one value (None: no such series yet)."""
+    def query(self, promql: str) -> dict:
+        """An instant query's `data` (resultType and result)."""
         with urllib.request.urlopen(f"{self.url}/api/v1/query?query={urllib.parse.quote(promql)}", timeout=10) as r:
             reply = json.loads(r.read())
-        assert reply["status"] == "success", reply
-        data = reply["data"]
+        assert reply["status"] == "success", (promql, reply)
+        return reply["data"]
+
+    def value(self, promql: str) -> float | None:
+        """An instant query's one value (None: no such series yet)."""
+        data = self.query(promql)
         if data["resultType"] == "scalar":  # e.g. time()
             return float(data["result"][1])
         assert len(data["result"]) <= 1, f"{promql} matches several series: {data['result']}"
@@ -186,11 +190,7 @@ def test_prometheus_sees_exactly_what_the_clients_saw(served):
     # dashboard's variables as Grafana would substitute them, runs on this Prometheus, and the panels this load
     # touched return data.
     def results(promql: str) -> list:
-        promql = promql.replace("$model_name", ".*").replace("$__rate_interval", "1m")
-        url = f"{prometheus.url}/api/v1/query?query={urllib.parse.quote(promql)}"
-        reply = json.loads(urllib.request.urlopen(url, timeout=10).read())
-        assert reply["status"] == "success", (promql, reply)
-        return reply["data"]["result"]
+        return prometheus.query(promql.replace("$model_name", ".*").replace("$__rate_interval", "1m"))["result"]
 
     # rate() needs two samples in its window: the gRPC series were born with the load, a few scrapes ago
     wait_until(lambda: results("rate(lmforge:grpc_server_handled_total[$__rate_interval])"),
