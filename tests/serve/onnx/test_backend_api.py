@@ -108,7 +108,10 @@ def test_cancelled_stream_aborts_the_request(server, client):
     assert err.value.code() == grpc.StatusCode.CANCELLED
     wait_idle(server)
     assert server.engine.num_generation_tokens_total - before < LONG["max_tokens"]
-    assert any(f.finish_reason.value == "abort" for f in server.finished)
+    # The engine thread publishes the stats snapshot holding the aborted request just after it applies the abort,
+    # so "idle" can be seen a moment before the listener has the finished entry: wait for the entry itself.
+    wait_until(lambda: any(f.finish_reason.value == "abort" for f in server.finished),
+               "the aborted request in the published stats")
 
 
 def test_stats_listener_sees_every_finished_request(server, client):
