@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.data.manifest import sha256_file
-from lifecycle.errors import CheckpointError
+from lifecycle.errors import CheckpointError, ConfigError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "lmforge-checkpoint"
@@ -279,6 +279,18 @@ def _check_model_files(path: Path, config: dict[str, Any]) -> None:
             raise CheckpointError(f"{path}: weights are pickle files (.bin/.pt), which lmforge never loads; "
                                   "convert them to safetensors first")
         raise CheckpointError(f"{path}: no *.safetensors weights")
+
+
+def check_output_dir(output_dir: str | Path, checkpoint: str | Path | None, flag: str = "--output-dir") -> None:
+    """Refuse, before anything is written, an output directory that is a file or is the checkpoint the command
+    reads: its outputs would land among the checkpoint's own files (a run into another run's directory is refused
+    by that run's settings check)."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: exists and is not a directory")
+    if checkpoint is not None and Path(checkpoint).exists() and out.resolve() == Path(checkpoint).resolve():
+        raise ConfigError(f"{flag} {out}: is the checkpoint this command reads ({checkpoint}); its outputs would be "
+                          "written among the checkpoint's files: choose another directory")
 
 
 def latest_checkpoint(run_dir: str | Path, prefix: str = "step-") -> Path | None:

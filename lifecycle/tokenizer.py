@@ -305,7 +305,22 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--heldout-fraction", type=float, default=0.02,
                        help="share of documents kept out of training for the report (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="salt of the held-out hash (default: %(default)s)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the tokenizer in an OUT_DIR that already holds one (never a checkpoint's)")
     train.set_defaults(func=run_train)
+
+
+def check_tokenizer_output(out: Path, overwrite: bool) -> None:
+    """Where `tokenizer train` may write: a new or tokenizer-only directory. In a checkpoint the new tokenizer
+    would replace the one its weights were trained with (and break its manifest's hashes)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; give -o a directory to write the tokenizer into")
+    marker = next((n for n in ("manifest.json", "config.json", "model.safetensors") if (out / n).exists()), None)
+    if marker is not None:
+        raise ConfigError(f"-o {out}: holds a checkpoint ({marker}); a new tokenizer there would replace the one its "
+                          "weights were trained with: write it to a new directory")
+    if (out / "tokenizer.json").exists() and not overwrite:
+        raise ConfigError(f"-o {out}: already holds a tokenizer; pass --overwrite to replace it")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -318,6 +333,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
     # Fail on a bad flag or a missing file now, not after minutes of reading the corpus.
     _check_training_args(args.vocab_size, args.min_frequency)
+    check_tokenizer_output(Path(args.output_dir), args.overwrite)
     expand_inputs(args.inputs)
     stats = ReadStats()
     heldout: list[str] = []

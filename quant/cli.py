@@ -75,6 +75,7 @@ def _slug(label: str) -> str:
 
 
 def run(args: Any) -> int:
+    from lifecycle.checkpoint import check_output_dir
     from quant.config import parse_spec
     from quant.quantize import calibration_ids, check_shapes, open_source
 
@@ -96,6 +97,7 @@ def run(args: Any) -> int:
     for cfg in cfgs:
         check_shapes(src, cfg)
     out = Path(args.output_dir)
+    check_output_dir(out, src.path)
     targets = [out / _slug(label) for label in labels]
     existing = [t for t in targets if t.exists()]
     if args.reuse_existing and args.overwrite:

@@ -61,6 +61,8 @@ def write_target_continuations(target: str | Path, corpus_file: str | Path, out_
 
     if num_prompts <= 0 or max_new_tokens <= 0:
         raise ConfigError(f"num_prompts and max_new_tokens must be positive, got {num_prompts}, {max_new_tokens}")
+    if Path(out_file).is_dir():  # found now, not after generating every continuation
+        raise ConfigError(f"--output {out_file}: is a directory; give the path of the jsonl file to write")
     ckpt = load_checkpoint(target)
     engine = LLMEngine(EngineConfig(model=str(target)))
     tok = engine.tokenizer

@@ -97,6 +97,9 @@ class FinetuneConfig:
             raise ConfigError("--data: no training data given (e.g. --data train.jsonl or a:0.3,b:0.7)")
         if not self.init_from:
             raise ConfigError("--init-from: the checkpoint to fine-tune is required (e.g. runs/small/final)")
+        from lifecycle.checkpoint import check_output_dir
+
+        check_output_dir(self.output_dir, self.init_from)
 
     @property
     def lr(self) -> float:

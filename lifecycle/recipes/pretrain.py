@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lifecycle.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from lifecycle.checkpoint import Checkpoint, check_output_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from lifecycle.errors import ConfigError, DataError, LmforgeError
 from lifecycle.plots import plot_loss_curve
 from lifecycle.recipes.distill import Teacher
@@ -98,6 +98,7 @@ class PretrainConfig:
                               f"{self.distill_temperature} and {self.distill_alpha}")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
             raise ConfigError(f"--stop-at-step must be in (0, --max-steps], got {self.stop_at_step}")
+        check_output_dir(self.output_dir, self.init_from)
         if not self.data:
             raise ConfigError("--data: no training data given")
 

@@ -215,6 +215,14 @@ def test_bad_input_is_one_clear_line(tmp_path, base_ckpt, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["sft", "--data", str(bad)]) == 2
     assert "--init-from" in capsys.readouterr().err
+    # An output directory that is the checkpoint being fine-tuned (the run would write among its files) or a file
+    files = sorted(p.name for p in base_ckpt.iterdir())
+    for stage in ("sft", "reward", "dpo"):
+        assert main([stage, "--init-from", str(base_ckpt), "--data", str(bad), "--output-dir", str(base_ckpt)]) == 2
+        assert "is the checkpoint this command reads" in capsys.readouterr().err
+    assert main(["sft", "--init-from", str(base_ckpt), "--data", str(bad), "--output-dir", str(bad)]) == 2
+    assert f"--output-dir {bad}: exists and is not a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in base_ckpt.iterdir()) == files
 
 
 # ------------------------------------------------------------------ resume exactness of reward and DPO

@@ -160,6 +160,15 @@ def test_bad_config(tmp_path, tiny_corpus, tiny_tokenizer_dir, micro_model_yaml,
         _cfg(tmp_path, tiny_corpus, tiny_tokenizer_dir, micro_model_yaml, **kw)
 
 
+def test_output_dir_that_is_a_file_or_the_init_checkpoint(tmp_path, tiny_corpus, tiny_tokenizer_dir, micro_model_yaml):
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        _cfg(tmp_path, tiny_corpus, tiny_tokenizer_dir, micro_model_yaml, output_dir=str(tiny_corpus))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    with pytest.raises(ConfigError, match="is the checkpoint this command reads"):
+        _cfg(tmp_path, tiny_corpus, tiny_tokenizer_dir, micro_model_yaml, output_dir=str(ckpt), init_from=str(ckpt))
+
+
 def test_bad_data(tmp_path, tiny_tokenizer_dir, micro_model_yaml):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,27 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_never_replaces_a_checkpoints_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          tiny_tokenizer_dir: Path) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in _english_corpus(300)), encoding="utf-8")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_tokenizer_dir, ckpt)
+    (ckpt / "config.json").write_text("{}")  # a checkpoint's marker beside its tokenizer
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert main(["tokenizer", "train", str(corpus), "-o", str(ckpt), "--vocab-size", "600", "--overwrite"]) == 2
+    assert "holds a checkpoint (config.json)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    # A tokenizer directory is replaced only when asked.
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    assert main(["tokenizer", "train", str(corpus), "-o", str(tok), "--vocab-size", "600"]) == 2
+    assert "already holds a tokenizer; pass --overwrite" in capsys.readouterr().err
+    assert main(["tokenizer", "train", str(corpus), "-o", str(tok), "--vocab-size", "600", "--overwrite"]) == 0
+    report = json.loads((tok / "tokenizer_report.json").read_text())
+    assert report["tokenizer_sha256"] == tokenizer_hash(tok) != tokenizer_hash(tiny_tokenizer_dir)
 
 
 def _poetry_documents(path: Path) -> list[str]:

@@ -101,6 +101,17 @@ def test_existing_output_is_not_replaced(tiny_checkpoint, tmp_path, capsys):
     assert list((out / "rtn-4-32").iterdir()) == []
 
 
+def test_output_dir_must_not_be_the_checkpoint_or_a_file(tiny_checkpoint, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)  # a copy: the old code wrote into the directory it was given
+    files = sorted(p.name for p in ckpt.iterdir())
+    _fails(["quantize", str(ckpt), "-o", str(ckpt), "--method", "rtn:4:32", *FAST], capsys,
+           "--output-dir", "is the checkpoint this command reads")
+    _fails(["quantize", str(ckpt), "-o", str(ckpt / "config.json"), "--method", "rtn:4:32", *FAST], capsys,
+           "exists and is not a directory")
+    assert sorted(p.name for p in ckpt.iterdir()) == files
+
+
 def test_reuse_existing_evaluates_without_requantizing(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["quantize", str(tiny_checkpoint), "-o", str(out), "--method", "rtn:4:32", *FAST]

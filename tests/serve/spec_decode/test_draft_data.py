@@ -62,3 +62,6 @@ def test_cli_refuses_bad_flags_naming_them(trained_checkpoint, tmp_path, capsys)
     assert main(["draft-data", "--target", str(trained_checkpoint), "--data", str(tmp_path / "missing.jsonl"),
                  "-o", str(out), "--max-new-tokens", "0"]) != 0
     assert "max_new_tokens" in capsys.readouterr().err and not out.exists()
+    assert main(["draft-data", "--target", str(trained_checkpoint), "--data", str(tmp_path / "missing.jsonl"),
+                 "-o", str(tmp_path)]) == 2  # a directory: refused before any generation
+    assert f"--output {tmp_path}: is a directory" in capsys.readouterr().err
