@@ -115,6 +115,24 @@ def num_tasks(config: CurateConfig, files: dict[str, str]) -> int:
     return config.workers * -(-needed // config.workers)
 
 
+def check_output_dir(config: CurateConfig, files: dict[str, str]) -> None:
+    """The output directory must be a directory apart from the inputs: inside an input directory, a rerun (or a
+    resume) would read the run's own shards as input; holding an input, the shards could overwrite it."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out}: exists and is not a directory")
+    out = out.resolve()
+    for raw in config.inputs:
+        src = Path(raw).resolve()
+        if src.is_dir() and (out == src or src in out.parents):
+            raise ConfigError(f"--output-dir {config.output_dir}: inside the input directory {raw}, so a rerun would "
+                              "read this run's output as input; write it somewhere outside the inputs")
+    for path in files:
+        if out in Path(path).resolve().parents:
+            raise ConfigError(f"--output-dir {config.output_dir}: holds the input {path}, which the run's shards "
+                              "could overwrite; write the output somewhere outside the inputs")
+
+
 def check_resume(config: CurateConfig, paths: Paths) -> None:
     """A work dir belongs to one config: resuming with another would mix two runs' shards."""
     saved = paths.work / "config.json"
@@ -142,6 +160,7 @@ def run_pipeline(config: CurateConfig, files: dict[str, str], *, show_progress: 
     from lifecycle.data.curate.shards import InputReader, ShardReader, ShardWriter, plan_parts
     from lifecycle.data.curate.step import Guarded, read_counts
 
+    check_output_dir(config, files)
     paths = Paths(config.output_dir)
     check_resume(config, paths)
     work = str(paths.work)

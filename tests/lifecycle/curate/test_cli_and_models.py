@@ -43,6 +43,23 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path, capsys, config_text, 
     assert err.startswith("error:") and needle in err and "Traceback" not in err
 
 
+def test_output_dir_apart_from_the_inputs_or_nothing_is_written(tmp_path, capsys):
+    rng = random.Random(2)
+    (tmp_path / "in").mkdir()
+    src = jsonl(tmp_path / "in" / "a.jsonl", [english_doc(rng) for _ in range(3)])
+    before = src.read_bytes()
+    for inputs, output, needle in [
+        (src, src, "exists and is not a directory"),  # a typo'd -o that names the input file
+        (tmp_path / "in", tmp_path / "in" / "out", "inside the input directory"),  # read back on a rerun
+        (tmp_path / "in", tmp_path / "in", "inside the input directory"),
+        (src, tmp_path / "in", "holds the input"),  # shards beside (or over) the input
+    ]:
+        assert main(["curate", "run", str(inputs), "-o", str(output), "--disable", "dedup_near"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --output-dir") and needle in err and "Traceback" not in err
+        assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.jsonl"] and src.read_bytes() == before
+
+
 def test_config_checks_name_fields():
     with pytest.raises(ConfigError, match="perplexity.checkpoint"):
         PerplexityConfig(enabled=True)
