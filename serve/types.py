@@ -116,13 +116,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self._check_real("temperature", lambda t: t >= 0.0, ">= 0 (0 = greedy)")
-        self._check_optional_int("top_k", lambda k: k >= 1, "None (off) or >= 1")
+        self._check_optional_int("top_k", lambda k: k >= 1, ">= 1 (None: off)")
         self._check_real("top_p", lambda p: 0.0 < p <= 1.0, "in (0, 1] (1 = off)")
         self._check_real("min_p", lambda p: 0.0 <= p < 1.0, "in [0, 1) (0 = off)")
         self._check_real("repetition_penalty", lambda r: r > 0.0, "> 0 (1 = off)")
         self._check_real("presence_penalty", lambda x: -2.0 <= x <= 2.0, "in [-2, 2] (0 = off)")
         self._check_real("frequency_penalty", lambda x: -2.0 <= x <= 2.0, "in [-2, 2] (0 = off)")
-        self._check_optional_int("seed", lambda s: 0 <= s <= _MAX_SEED, "None or an integer in [0, 2**64)")
+        self._check_optional_int("seed", lambda s: 0 <= s <= _MAX_SEED, "in [0, 2**64) (None: unseeded)")
         self._check_int("max_tokens", lambda m: m >= 1, ">= 1")
         self._check_int("min_tokens", lambda m: m >= 0, ">= 0")
         if self.min_tokens > self.max_tokens:
@@ -130,9 +130,9 @@ class SamplingParams:
                                                     f"got {self.min_tokens}")
         self._check_int("n", lambda n: 1 <= n <= MAX_N, f"in [1, {MAX_N}]")
         self._check_optional_int("logprobs", lambda k: 0 <= k <= MAX_NUM_LOGPROBS,
-                                 f"None or in [0, {MAX_NUM_LOGPROBS}]")
+                                 f"in [0, {MAX_NUM_LOGPROBS}] (None: off)")
         self._check_optional_int("prompt_logprobs", lambda k: 0 <= k <= MAX_NUM_LOGPROBS,
-                                 f"None or in [0, {MAX_NUM_LOGPROBS}]")
+                                 f"in [0, {MAX_NUM_LOGPROBS}] (None: off)")
         self._check_int("prompt_logprobs_start", lambda k: k >= 0, ">= 0")
         self._check_stop()
         self._check_stop_token_ids()
