@@ -125,6 +125,8 @@ def test_an_unreachable_server_is_one_clear_line(data_root, tmp_path, capsys):
     (["eval", "--target", "ftp://x", "--task", "arc_easy", "--data-root", "."], "grpc://host:port"),
     (["eval", "--target", "grpc://127.0.0.1:1", "--task", "nope"], "not a built-in task"),
     (["eval", "--target", "grpc://127.0.0.1:1", "--task", "arc_easy", "--data-root", "/nonexistent"], "arc_easy.jsonl"),
+    (["eval", "--target", "grpc://127.0.0.1:1", "--task", "arc_easy", "--output", "/"], "--output /: is a directory"),
+    (["eval", "--target", "grpc://127.0.0.1:1", "--task", "arc_easy", "--cache", "/"], "--cache /: is a directory"),
 ])
 def test_bad_flags(argv, needle, capsys):
     assert main(argv) == 2
