@@ -17,8 +17,8 @@ disk and merged, and only duplicate pairs are held in memory. Two things in them
   `CjkMinhashSignature` beside datatrove's files, one fixed-size record per document: the low 16 bits of each
   MinHash value (b-bit minwise hashing; Li & König 2010), 240 B per document for 40 x 3 hashes instead of 960.
   Two different values then agree by chance with probability 2^-16 (a bias of the estimate below 1.6e-5); what it
-  buys is a 4x smaller file, which the cluster stage reads at random (a pair at a time) and so wants in the page
-  cache.
+  buys is a 4x smaller file. The cluster stage reads it in batches of candidate pairs, each batch's rows in file
+  order (an input larger than RAM has signatures larger than the page cache: ascending reads, not random ones).
 One document per cluster is kept (the union-find root: the earliest in (rank, index) order that
 datatrove's union by size leaves as root).
 """
@@ -42,6 +42,9 @@ from lifecycle.data.curate.langid import script_mix
 
 SIGNATURE_DTYPE = np.dtype("<u2")  # the low 16 bits of each MinHash value (module docstring)
 NO_SIGNATURE = np.uint16(2**16 - 1)  # every value of a document too short to shingle: agrees with nothing
+# Candidate pairs verified per batch in the cluster stage: at most 2x that many signature rows in memory (~4 MB at
+# 240 B per row, and the comparison as many booleans) while their reads go out in file order.
+PAIRS_PER_BATCH = 8192
 
 
 def normalized_text(doc: Document) -> str:
@@ -105,14 +108,19 @@ class CjkMinhashSignature(MinhashDedupSignature):
         self._full = None
 
 
-def _no_signature(row: np.ndarray) -> bool:
-    """The record of a document that had no shingles (a real signature has every value 0xFFFF with
-    probability 2^-16^num_hashes)."""
-    return bool(row[0] == NO_SIGNATURE and (row == NO_SIGNATURE).all())
+def similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard similarity of row i of `a` and row i of `b` ((n, num_hashes) signatures): the share of
+    agreeing values. 0 where either is the record of a document that had no shingles (every value 0xFFFF, which a
+    real signature is with probability 2^-16^num_hashes). In expectation s + (1 - s) * 2^-16: a bias below 1.6e-5,
+    against a sampling error of ~0.045 at 120 hashes; not corrected, so a pair agreeing on exactly `threshold` of
+    its values still passes."""
+    sim = (a == b).mean(axis=1)
+    sim[(a == NO_SIGNATURE).all(axis=1) | (b == NO_SIGNATURE).all(axis=1)] = 0.0
+    return sim
 
 
 class SignatureRows:
-    """Full MinHash signatures of one rank's documents, read a row at a time with `os.pread`.
+    """Full MinHash signatures of one rank's documents, read with `os.pread` (`read_sorted`: many rows in file order).
 
     Not a memory map: pages of a mapped file count in the process's RSS (and in a Slurm cgroup's limit) as they are
     touched, so mapping 960 B per document grew the cluster stage's RSS with the corpus (docs/BENCHMARKS.md,
@@ -127,12 +135,30 @@ class SignatureRows:
         return self.num_rows
 
     def __getitem__(self, i: int) -> np.ndarray:
-        if not 0 <= i < self.num_rows:
-            raise IndexError(f"{self.path}: signature row {i} of {self.num_rows}")
-        data = os.pread(self._fd, self.row_bytes, i * self.row_bytes)
-        if len(data) != self.row_bytes:
-            raise OSError(f"{self.path}: short read at row {i}")
-        return np.frombuffer(data, dtype=SIGNATURE_DTYPE)
+        return self.read_sorted(np.array([i]))[0]
+
+    def read_sorted(self, rows: np.ndarray, max_gap: int = 16) -> np.ndarray:
+        """Rows `rows` (ascending, distinct) as a (len(rows), num_hashes) array, read in file order: rows less than
+        `max_gap` apart share one pread of the span between them, so the disk sees ascending reads, not one random
+        read per row (what matters once the signatures outgrow the page cache: an input larger than RAM)."""
+        out = np.empty((len(rows), self.row_bytes // SIGNATURE_DTYPE.itemsize), dtype=SIGNATURE_DTYPE)
+        if len(rows) and not (0 <= rows[0] and rows[-1] < self.num_rows):
+            bad = rows[(rows < 0) | (rows >= self.num_rows)][0]
+            raise IndexError(f"{self.path}: signature row {bad} of {self.num_rows}")
+        start = 0
+        while start < len(rows):
+            end = start + 1
+            while end < len(rows) and rows[end] - rows[end - 1] < max_gap:
+                end += 1
+            first, last = int(rows[start]), int(rows[end - 1])
+            size = (last - first + 1) * self.row_bytes
+            data = os.pread(self._fd, size, first * self.row_bytes)
+            if len(data) != size:
+                raise OSError(f"{self.path}: short read at row {first}")
+            span = np.frombuffer(data, dtype=SIGNATURE_DTYPE).reshape(last - first + 1, -1)
+            out[start:end] = span[rows[start:end] - first]
+            start = end
+        return out
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -161,14 +187,6 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
                 out[int(path.stem)] = SignatureRows(path, self.num_hashes)
         return out  # rank -> rows of (num_hashes,) SIGNATURE_DTYPE
 
-    def similarity(self, sigs: dict[int, SignatureRows], a: tuple[int, int], b: tuple[int, int]) -> float:
-        sa, sb = sigs[a[0]][a[1]], sigs[b[0]][b[1]]
-        if _no_signature(sa) or _no_signature(sb):
-            return 0.0
-        # In expectation s + (1 - s) * 2^-16: a bias below 1.6e-5, against a sampling error of ~0.045 at 120
-        # hashes. Not corrected, so a pair agreeing on exactly `threshold` of its values still passes.
-        return float(np.mean(sa == sb))
-
     def run(self, data: DocumentsPipeline = None, _: int = 0, world_size: int = 1):
         sigs = self._signatures()
         parent_of: dict[tuple[int, int], tuple[int, int]] = {}
@@ -195,19 +213,41 @@ class VerifiedMinhashCluster(MinhashDedupCluster):
             parent_of[rb] = ra
             size[ra] = size.get(ra, 1) + size.pop(rb, 1)
 
+        def verify(batch: list[tuple[int, int, int, int]]) -> None:
+            """One batch of candidate pairs (rank, doc, rank, doc): the signatures it names are read per rank in
+            file order (SignatureRows.read_sorted) and compared all at once; then, in order, a pair at or above the
+            threshold joins its two clusters unless they are one already (what verified_pairs counts), exactly
+            as verifying one pair at a time."""
+            if not batch:
+                return
+            pairs = np.array(batch, dtype=np.int64)
+            keys = np.concatenate([pairs[:, 0] << 32 | pairs[:, 1], pairs[:, 2] << 32 | pairs[:, 3]])
+            unique, where = np.unique(keys, return_inverse=True)  # sorted: rank, then document
+            rows = np.empty((len(unique), self.num_hashes), dtype=SIGNATURE_DTYPE)
+            for rank in np.unique(unique >> 32):
+                mine = (unique >> 32) == rank
+                rows[mine] = sigs[int(rank)].read_sorted(unique[mine] & 0xFFFFFFFF)
+            sim = similarities(rows[where[:len(batch)]], rows[where[len(batch):]])
+            self.stat_update("candidate_pairs", value=len(batch))
+            for i in np.flatnonzero(sim >= self.threshold).tolist():
+                f1, d1, f2, d2 = batch[i]
+                a, b = (f1, d1), (f2, d2)
+                if find(a) != find(b):  # not already in one cluster
+                    self.stat_update("verified_pairs")
+                    union(a, b)
+
         with self.track_time():
             for dup_file in self.input_folder.list_files(glob_pattern="*.dups"):
+                batch: list[tuple[int, int, int, int]] = []
                 with self.input_folder.open(dup_file, "rb") as fh:
-                    for f1, d1, f2, d2 in read_tuples_from_file(fh, "4I", lines_to_buffer=self.lines_to_buffer):
-                        if f1 == SENTINEL:
+                    for pair in read_tuples_from_file(fh, "4I", lines_to_buffer=self.lines_to_buffer):
+                        if pair[0] == SENTINEL:
                             continue
-                        a, b = (f1, d1), (f2, d2)
-                        self.stat_update("candidate_pairs")
-                        if find(a) == find(b):  # already in one cluster
-                            continue
-                        if self.similarity(sigs, a, b) >= self.threshold:
-                            self.stat_update("verified_pairs")
-                            union(a, b)
+                        batch.append(pair)
+                        if len(batch) == PAIRS_PER_BATCH:
+                            verify(batch)
+                            batch = []
+                verify(batch)
             removals: dict[int, list[int]] = {}
             for node in sorted(parent_of):
                 if find(node) != node:

@@ -71,6 +71,93 @@ def test_verified_cluster_keeps_only_duplicates_in_memory(tmp_path):
     assert stage.stats["candidate_pairs"].total == 5 and stage.stats["verified_pairs"].total == 2
 
 
+@pytest.mark.parametrize("pairs_per_batch", [1, 2, 1000])
+def test_batched_sorted_reads_give_the_pair_at_a_time_clusters_and_counts(tmp_path, monkeypatch, pairs_per_batch):
+    """The cluster stage reads a batch's signatures in file order; which pairs it verifies, what it counts and the
+    clusters it makes are those of verifying one pair at a time (checked against a brute-force union-find)."""
+    import random
+    import struct
+
+    import numpy as np
+
+    from lifecycle.data.curate import dedup
+    from lifecycle.data.curate.config import DedupConfig
+
+    monkeypatch.setattr(dedup, "PAIRS_PER_BATCH", pairs_per_batch)
+    rng = np.random.default_rng(0)
+    num_docs = {0: 300, 1: 200}
+    base = rng.integers(0, 4, size=(30, 8))  # 30 families: members agree with their family on most values
+    docs = {(r, d): int(rng.integers(0, 30)) for r, n in num_docs.items() for d in range(n)}
+    (tmp_path / "sigs" / "full").mkdir(parents=True)
+    sig = {}
+    for r, n in num_docs.items():
+        rows = np.empty((n, 8), dtype="<u2")
+        for d in range(n):
+            rows[d] = base[docs[(r, d)]]
+            rows[d, rng.integers(0, 8)] = rng.integers(100, 200)  # one value off: 6/8 or 7/8 agree within a family
+            sig[(r, d)] = rows[d]
+        rows.tofile(tmp_path / "sigs" / "full" / f"{r:05d}.sig")
+    keys = list(docs)
+    pairs = [tuple(random.Random(i).sample(keys, 2)) for i in range(3000)]
+    (tmp_path / "buckets").mkdir()
+    (tmp_path / "buckets" / "00000.dups").write_bytes(b"".join(struct.pack("<4I", *a, *b) for a, b in pairs))
+    stage = dedup.VerifiedMinhashCluster(str(tmp_path / "buckets"), str(tmp_path / "remove"), str(tmp_path / "sigs"),
+                                         DedupConfig(bands=2, rows=4, threshold=0.7))
+    stage.run()
+    # the reference: the same pairs, one at a time, straight from the arrays
+    parent = {k: k for k in keys}
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+    verified = 0
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb and float(np.mean(sig[a] == sig[b])) >= 0.7:
+            verified += 1
+            parent[max(ra, rb)] = min(ra, rb)
+    want = {r: sorted(d for (rr, d) in keys if rr == r and find((rr, d)) != (rr, d)) for r in num_docs}
+    got = {r: np.frombuffer((tmp_path / "remove" / f"{r:06d}.remove").read_bytes(), dtype="<u4").tolist()
+           for r in num_docs}
+    assert got == want and sum(map(len, want.values())) > 50
+    assert stage.stats["candidate_pairs"].total == len(pairs) and stage.stats["verified_pairs"].total == verified
+
+
+def test_similarities_are_agreement_shares_and_zero_without_shingles():
+    import numpy as np
+
+    from lifecycle.data.curate.dedup import NO_SIGNATURE, similarities
+
+    none = np.full(4, NO_SIGNATURE, dtype="<u2")
+    a = np.array([[1, 2, 3, 4], [1, 2, 3, 4], none, none], dtype="<u2")
+    b = np.array([[1, 2, 3, 9], [5, 6, 7, 8], none, [1, 2, 3, 4]], dtype="<u2")
+    # two documents without shingles agree on every value, yet are not duplicates of each other or of anything
+    assert similarities(a, b).tolist() == [0.75, 0.0, 0.0, 0.0]
+
+
+def test_read_sorted_coalesces_near_rows_and_checks_bounds(tmp_path, monkeypatch):
+    import numpy as np
+
+    from lifecycle.data.curate import dedup
+
+    sigs = np.arange(100 * 3, dtype="<u2").reshape(100, 3)
+    sigs.tofile(tmp_path / "00000.sig")
+    rows = dedup.SignatureRows(tmp_path / "00000.sig", 3)
+    calls = []
+    real = os.pread
+    monkeypatch.setattr(dedup.os, "pread", lambda fd, n, off: calls.append((n, off)) or real(fd, n, off))
+    want = np.array([0, 2, 5, 40, 41, 99])
+    assert (rows.read_sorted(want, max_gap=4) == sigs[want]).all()
+    assert [(n // 6, off // 6) for n, off in calls] == [(6, 0), (2, 40), (1, 99)]  # rows < 4 apart share a read
+    calls.clear()
+    assert (rows.read_sorted(want, max_gap=1) == sigs[want]).all() and len(calls) == len(want)
+    assert rows.read_sorted(np.array([], dtype=np.int64)).shape == (0, 3)
+    with pytest.raises(IndexError, match="row 100 of 100"):
+        rows.read_sorted(np.array([3, 100]))
+    rows.close()
+
+
 def test_signature_rows_are_read_not_mapped(tmp_path):
     """The cluster stage reads full signatures a row at a time (pread): a memory map would count every touched page
     of a corpus-sized file in the process's RSS."""
