@@ -61,7 +61,8 @@ def num_blocks_for_memory_budget(bytes_per_block: int, *, memory_budget_bytes: i
     num_blocks = memory_budget_bytes // bytes_per_block
     if num_blocks < 1:
         raise ConfigError(f"KV cache budget of {memory_budget_bytes} bytes holds no block of {bytes_per_block} "
-                          f"bytes; raise memory_budget_bytes / memory_fraction or lower block_size")
+                          f"bytes; raise the budget (`lmforge serve --kv-cache-memory-bytes`, EngineConfig."
+                          f"kv_cache_memory_bytes) to at least {bytes_per_block} or lower block_size")
     return num_blocks
 
 
