@@ -72,7 +72,8 @@ def write_target_continuations(target: str | Path, corpus_file: str | Path, out_
                           f"{engine.max_model_len}-token context")
     docs = []
     for doc in iter_documents([Path(corpus_file)]):
-        docs.append(tok.encode(doc.text, add_special_tokens=False))
+        # whole documents, longer than the context: prompts are cut from them, so no "sequence too long" warning
+        docs.append(tok.encode(doc.text, add_special_tokens=False, verbose=False))
         if len(docs) >= max_documents:
             break
     prompts = sample_prompts(docs, num_prompts, max_len=min(64, room), seed=seed)
