@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lifecycle.data.manifest import check_output_file
 from lifecycle.errors import ConfigError, LmforgeError
 from lifecycle.recipes.pretrain import PretrainConfig, PackedData, block_indices, prepare_data, pretrain
 
@@ -51,6 +52,7 @@ class BenchPretrainConfig:
     plot: bool = field(default=False, metadata={"help": "also write a bar chart PNG next to the JSON"})
 
     def __post_init__(self) -> None:
+        check_output_file(self.output)
         for name in ("seq_len", "micro_batch_size", "global_batch_size", "steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

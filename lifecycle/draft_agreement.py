@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lifecycle.data.manifest import check_output_file
 from lifecycle.errors import ConfigError
 
 
@@ -76,6 +77,7 @@ class BenchDraftConfig:
     output: str = field(default="runs/bench/draft.json", metadata={"help": "JSON report"})
 
     def __post_init__(self) -> None:
+        check_output_file(self.output)
         for name in ("num_prompts", "prompt_len", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lifecycle.data.manifest import check_output_file
 from lifecycle.errors import ConfigError
 from serve.bench_peers.agreement import greedy_agreement
 from serve.bench_peers.run_peer import SUBPROCESS_PEERS, peers_python, run_peer
@@ -71,6 +72,7 @@ class BenchEngineConfig:
     seed: int = field(default=0, metadata={"help": "seed for the random prompts"})
 
     def __post_init__(self) -> None:
+        check_output_file(self.output)
         unknown = set(self.workloads) - set(WORKLOADS)
         if unknown:
             raise ConfigError(f"--workloads: unknown {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
@@ -320,7 +322,7 @@ def bench_engine(cfg: BenchEngineConfig, cache_dir: Path | None = None) -> dict[
             record("w2", "transformers", hf_stream(model, w2_prompt, cfg.latency_output_len, pad))
         del model
     for name in (b for b in cfg.backend if b != "native"):  # the native engine always runs: the reference
-        from serve.backends import native_quant_bench, onnxruntime_bench
+        from serve.backends import onnxruntime_bench
 
         module = native_quant_bench if name in native_quant_bench.BACKENDS else onnxruntime_bench
         for workload, result in module.run_backend(name, model_path, cache_dir, w1, w2).items():

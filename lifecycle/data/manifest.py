@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.data.readers import ReadStats
-from lifecycle.errors import DataError
+from lifecycle.errors import ConfigError, DataError
 
 FORMAT_NAME = "lmforge-dataset"
 FORMAT_VERSION = 1
@@ -52,6 +52,13 @@ def default_file_mode() -> int:
     Temporary files (mkstemp, and transformers' own save of model.safetensors) are 0o600: published as they are,
     a checkpoint or report is unreadable to every other user, e.g. the serving container's."""
     return 0o666 & ~umask()
+
+
+def check_output_file(path: str | Path, flag: str = "--output") -> None:
+    """Refuse, before the work whose result it will hold, an output file path that names a directory (the final
+    write would fail only after all the work)."""
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give the path of the file to write")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

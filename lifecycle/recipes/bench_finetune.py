@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lifecycle.data.manifest import check_output_file
 from lifecycle.errors import ConfigError
 
 DEFAULT_DATA = {"sft": ["sft/llamafactory/alpaca_en_demo.json", "sft/llamafactory/alpaca_zh_demo.json"],
@@ -49,6 +50,7 @@ class BenchFinetuneConfig:
     output: str = field(default="runs/bench/finetune.json", metadata={"help": "JSON report"})
 
     def __post_init__(self) -> None:
+        check_output_file(self.output)
         for name in ("steps", "micro_batch_size", "global_batch_size", "max_len", "repeats"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

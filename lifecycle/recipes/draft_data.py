@@ -54,15 +54,14 @@ def write_target_continuations(target: str | Path, corpus_file: str | Path, out_
     """Greedy continuations of `target` on prompts cut from `corpus_file` (jsonl with `text`), written
     atomically to `out_file` (jsonl). Returns `out_file`."""
     from lifecycle.checkpoint import load_checkpoint
-    from lifecycle.data.manifest import atomic_write_text
+    from lifecycle.data.manifest import atomic_write_text, check_output_file
     from lifecycle.data.readers import iter_documents
     from serve.engine.llm_engine import EngineConfig, LLMEngine
     from serve.types import SamplingParams
 
     if num_prompts <= 0 or max_new_tokens <= 0:
         raise ConfigError(f"num_prompts and max_new_tokens must be positive, got {num_prompts}, {max_new_tokens}")
-    if Path(out_file).is_dir():  # found now, not after generating every continuation
-        raise ConfigError(f"--output {out_file}: is a directory; give the path of the jsonl file to write")
+    check_output_file(out_file)  # now, not after generating every continuation
     ckpt = load_checkpoint(target)
     engine = LLMEngine(EngineConfig(model=str(target)))
     tok = engine.tokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lifecycle.data.manifest import check_output_file
 from lifecycle.errors import ConfigError
 
 BACKENDS = ("native", "vllm")  # serve.launch.ServeConfig.backend
@@ -47,6 +48,7 @@ class BenchServeConfig:
     seed: int = field(default=0, metadata={"help": "seed for the random prompts"})
 
     def __post_init__(self) -> None:
+        check_output_file(self.output)
         self.backend = parse_backends(self.backend)
         if not self.concurrency or any(n < 1 for n in self.concurrency):
             raise ConfigError(f"--concurrency: give positive numbers of clients, got {self.concurrency}")

@@ -54,11 +54,10 @@ class EvalConfig:
             raise ConfigError(f"--concurrency: must be >= 1, got {self.concurrency}")
         if self.auth_token_env and self.auth_token_file:
             raise ConfigError("--auth-token-env and --auth-token-file: give one source of the token")
-        # Found now, not when the report is written after the whole evaluation (the cache path derives from it).
-        if Path(self.output).is_dir():
-            raise ConfigError(f"--output {self.output}: is a directory; give the path of the report file to write")
-        if self.cache_path().is_dir():
-            raise ConfigError(f"--cache {self.cache_path()}: is a directory; give the path of the cache file to write")
+        from lifecycle.data.manifest import check_output_file
+
+        check_output_file(self.output)  # before the cache path, which derives from it
+        check_output_file(self.cache_path(), "--cache")
         self.token()  # a named source that holds no token is refused now, before anything is sent
 
     def token(self) -> str | None:

@@ -100,3 +100,12 @@ def test_bad_inputs_give_one_clear_line(tmp_path, tiny_corpus, tiny_tokenizer_di
 def test_debug_shows_traceback(tmp_path):
     out = _run("--debug", "checkpoint", "verify", str(tmp_path))
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+@pytest.mark.parametrize("action", ["pretrain", "curate", "engine", "serve", "draft", "sft", "dpo"])
+def test_bench_output_naming_a_directory_is_refused_before_any_work(action, tmp_path, capsys):
+    """A bench writes its report at the end, after minutes to hours of work: a directory there is refused first."""
+    assert main(["bench", action, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"--output {tmp_path}: is a directory" in err
+    assert list(tmp_path.iterdir()) == []

@@ -456,6 +456,9 @@ def add_bench_action(actions: Any) -> None:
                         "core divides by this)")
 
     def _run(args: Any) -> int:
+        from lifecycle.data.manifest import check_output_file
+
+        check_output_file(args.output)  # before parts that can take hours
         result = run_bench(args.data_root, args.output, tuple(p for p in args.parts.split(",") if p),
                            args.memory_mb, args.max_docs, args.workers, args.memory_small_mb, args.work_dir,
                            args.rounds, tuple(args.curate_arg), args.memory_limit_mb, args.drop_caches)
