@@ -313,8 +313,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 def check_tokenizer_output(out: Path, overwrite: bool) -> None:
     """Where `tokenizer train` may write: a new or tokenizer-only directory. In a checkpoint the new tokenizer
     would replace the one its weights were trained with (and break its manifest's hashes)."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} is a file; give -o a directory to write the tokenizer into")
+    from lifecycle.checkpoint import check_output_dir
+
+    check_output_dir(out, None, "-o")  # not a file
     marker = next((n for n in ("manifest.json", "config.json", "model.safetensors") if (out / n).exists()), None)
     if marker is not None:
         raise ConfigError(f"-o {out}: holds a checkpoint ({marker}); a new tokenizer there would replace the one its "

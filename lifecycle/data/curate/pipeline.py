@@ -115,13 +115,13 @@ def num_tasks(config: CurateConfig, files: dict[str, str]) -> int:
     return config.workers * -(-needed // config.workers)
 
 
-def check_output_dir(config: CurateConfig, files: dict[str, str]) -> None:
+def check_output_apart_from_inputs(config: CurateConfig, files: dict[str, str]) -> None:
     """The output directory must be a directory apart from the inputs: inside an input directory, a rerun (or a
     resume) would read the run's own shards as input; holding an input, the shards could overwrite it."""
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output-dir {out}: exists and is not a directory")
-    out = out.resolve()
+    from lifecycle.checkpoint import check_output_dir
+
+    check_output_dir(config.output_dir, None)  # not a file
+    out = Path(config.output_dir).resolve()
     for raw in config.inputs:
         src = Path(raw).resolve()
         if src.is_dir() and (out == src or src in out.parents):
@@ -160,7 +160,7 @@ def run_pipeline(config: CurateConfig, files: dict[str, str], *, show_progress: 
     from lifecycle.data.curate.shards import InputReader, ShardReader, ShardWriter, plan_parts
     from lifecycle.data.curate.step import Guarded, read_counts
 
-    check_output_dir(config, files)
+    check_output_apart_from_inputs(config, files)
     paths = Paths(config.output_dir)
     check_resume(config, paths)
     work = str(paths.work)
