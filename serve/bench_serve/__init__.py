@@ -17,7 +17,8 @@ server's process would share its GIL with the server's event loop and the engine
 protobuf parse and timestamp of 256 clients would be charged to the server, a cost no deployment has. A
 separate client process still takes CPU on a 2-core machine — real clients on the same host would too —
 so the report gives the CPU seconds of each side per level (`client_cpu_s`, `server_cpu_s`, and `cpu_s`
-in-process) to show how much of the machine the client took. Levels and sides run one after another, never
+in-process; the server's is read from /proc in 10 ms clock ticks, so a very short level may show 0) to show
+how much of the machine the client took. Levels and sides run one after another, never
 at once (two loads on 2 cores distort each other by 2-8x), and the two sides of one N back to back, so load
 from elsewhere that comes and goes weighs on both sides of a ratio alike.
 

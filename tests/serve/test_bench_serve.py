@@ -40,7 +40,9 @@ def test_bench_serve_small_run(tmp_path, trained_checkpoint):
                 assert 0 <= stats[key]["p50"] <= stats[key]["p90"] <= stats[key]["p99"]
         # The server's own count (usage.completion_tokens of each stream's last message) agrees with the client's.
         assert level["grpc"]["reported_output_tokens"] == num_requests * 5
-        assert level["grpc"]["client_cpu_s"] > 0 and level["grpc"]["server_cpu_s"] > 0
+        # The server's CPU time comes from /proc/<pid>/stat, counted in clock ticks (10 ms): a level this small can
+        # run within one tick, so only its presence is checked; the client's (process_time) is exact.
+        assert level["grpc"]["client_cpu_s"] > 0 and level["grpc"]["server_cpu_s"] >= 0
         assert level["in_process"]["num_preemptions"] == 0
         assert level["grpc_over_in_process"] == pytest.approx(
             level["grpc"]["output_tokens_per_s"] / level["in_process"]["output_tokens_per_s"])
