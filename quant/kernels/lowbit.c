@@ -115,11 +115,28 @@ void lmfq_q4_linear_f32(const float* x, const uint8_t* qw, const float* scale, c
 
 /* One row of x (m == 1) against a q4 matrix with the activations rounded to int8, as llama.cpp's Q4 x Q8 dot
  * products and onnxruntime's MatMulNBits at accuracy_level 4: x is cut into blocks of 32 columns, each stored as
- * int8 codes xq and one scale d (d = max |x| / 127 over the block), so the 32 products of a block are one
- * u8 x s8 multiply-add (vpmaddubsw: 15 * 127 * 2 fits int16) and one int16 -> int32 pairwise add, instead of
- * four int -> float conversions and four FMAs. y[j] = sum_g scale[j, g] * sum_{b in g} d[b] * (q . xq)_b
- * + offset[j, g] * xsum[g] (+ bias), xsum from the unrounded x. The error is the activation rounding:
- * |x - d * xq| <= d / 2 per column. */
+ * int8 codes xq and one scale d (d = max |x| / 127 over the block), so the products of a block are u8 x s8
+ * multiply-adds (vpmaddubsw: 15 * 127 * 2 fits int16) and int16 -> int32 pairwise adds, instead of int -> float
+ * conversions and FMAs. y[j] = sum_g scale[j, g] * sum_{b in g} d[b] * (q . xq)_b + offset[j, g] * xsum[g]
+ * (+ bias), xsum from the unrounded x. The error is the activation rounding: |x - d * xq| <= d / 2 per column.
+ *
+ * Two blocks per 256-bit step where the group holds an even number of blocks (group % 64 == 0): the 32 packed
+ * bytes of blocks b and b + 1 give, masked, both blocks' low-nibble columns (0-15) in one register and, shifted,
+ * their high-nibble columns (16-31) in another; xq is laid out once per call to match (xlo = columns 0-15 of b,
+ * then of b + 1; xhi = columns 16-31 of each), so each step is two vpmaddubsw, one int16 add (2 * 3810 fits),
+ * one vpmaddwd, one conversion and one FMA against dd = (d[b] x4, d[b + 1] x4), per 32 packed bytes. Group 32
+ * (each block its own scale) pairs too, with the two scales in the halves of one vector, and an odd last block
+ * alone; other odd numbers of blocks per group (a per-channel K of 96, say) take one block per step. */
+static inline __attribute__((unused)) void q8act_quantize(const float* x, int64_t k, int8_t* xq, float* d) {
+  for (int64_t b = 0; b < k / 32; ++b) {
+    float amax = 0.f;
+    for (int64_t c = b * 32; c < b * 32 + 32; ++c) amax = fmaxf(amax, fabsf(x[c]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    d[b] = amax / 127.f;
+    for (int64_t c = b * 32; c < b * 32 + 32; ++c) xq[c] = (int8_t)lrintf(x[c] * inv);
+  }
+}
+
 void lmfq_q4_linear_q8act_f32(const float* x, const uint8_t* qw, const float* scale, const float* offset,
                               const float* bias, float* out, int64_t n, int64_t k, int64_t group, int num_threads) {
   const int64_t num_groups = k / group, num_blocks = k / 32, per_group = group / 32;
@@ -131,13 +148,88 @@ void lmfq_q4_linear_q8act_f32(const float* x, const uint8_t* qw, const float* sc
     for (int64_t c = g * group; c < (g + 1) * group; ++c) s += x[c];
     xsum[g] = s;
   }
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    float amax = 0.f;
-    for (int64_t c = b * 32; c < b * 32 + 32; ++c) amax = fmaxf(amax, fabsf(x[c]));
-    const float db = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    d[b] = db;
-    for (int64_t c = b * 32; c < b * 32 + 32; ++c) xq[c] = (int8_t)lrintf(x[c] * inv);
+  q8act_quantize(x, k, xq, d);
+#if defined(__AVX2__) && defined(__FMA__)
+  if (per_group % 2 == 0 || per_group == 1) {
+    const int64_t num_pairs = num_blocks / 2;
+    int8_t* xp = (int8_t*)aligned_alloc(32, (size_t)(num_pairs * 64));  /* per pair: xlo (32 bytes), xhi */
+    float* dd = (float*)aligned_alloc(32, sizeof(float) * (size_t)(num_pairs * 8));
+    for (int64_t p = 0; p < num_pairs; ++p) {
+      for (int t = 0; t < 16; ++t) {
+        xp[p * 64 + t] = xq[p * 64 + t];                /* block 2p, columns 0-15 */
+        xp[p * 64 + 16 + t] = xq[p * 64 + 32 + t];      /* block 2p + 1, columns 0-15 */
+        xp[p * 64 + 32 + t] = xq[p * 64 + 16 + t];      /* block 2p, columns 16-31 */
+        xp[p * 64 + 48 + t] = xq[p * 64 + 48 + t];      /* block 2p + 1, columns 16-31 */
+      }
+      for (int t = 0; t < 4; ++t) { dd[p * 8 + t] = d[2 * p]; dd[p * 8 + 4 + t] = d[2 * p + 1]; }
+    }
+    const int64_t pairs_per_group = per_group / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+      if (per_group == 1) {  /* group 32: the two blocks of a pair have their own scales, (s[b] x4, s[b + 1] x4) */
+        const uint8_t* row = qw + j * (k / 2);
+        const float* sc = scale + j * num_groups;
+        const float* of = offset + j * num_groups;
+        float off = bias ? bias[j] : 0.f;
+        for (int64_t g = 0; g < num_groups; ++g) off += of[g] * xsum[g];
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+        for (int64_t p = 0; p < num_pairs; ++p) {
+          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(row + p * 32));
+          const __m256i lo = _mm256_and_si256(bytes, mask), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i*)(xp + p * 64))),
+                                               _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i*)(xp + p * 64 + 32))));
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+          const __m256 sv = _mm256_set_m128(_mm_set1_ps(sc[2 * p + 1]), _mm_set1_ps(sc[2 * p]));
+          if (p & 1) t1 = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_load_ps(dd + p * 8)), t1);
+          else t0 = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_load_ps(dd + p * 8)), t0);
+        }
+        if (num_blocks % 2) {  /* an odd last block (K = 1376 = 43 x 32): on its own, in 128-bit halves */
+          const int64_t b = num_blocks - 1;
+          const __m128i m128 = _mm_set1_epi8(0x0F);
+          const __m128i bytes = _mm_loadu_si128((const __m128i*)(row + b * 16));
+          const __m128i lo = _mm_and_si128(bytes, m128), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m128);
+          const __m256i w = _mm256_set_m128i(hi, lo);
+          const __m256i q = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_load_si256((const __m256i*)(xq + b * 32))),
+                                              ones);
+          t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(sc[b] * d[b]), t0);
+        }
+        out[j] = hsum(_mm256_add_ps(t0, t1)) + off;
+        continue;
+      }
+      const uint8_t* row = qw + j * (k / 2);
+      const float* sc = scale + j * num_groups;
+      const float* of = offset + j * num_groups;
+      float off = bias ? bias[j] : 0.f;
+      for (int64_t g = 0; g < num_groups; ++g) off += of[g] * xsum[g];
+      const __m256i mask = _mm256_set1_epi8(0x0F);
+      const __m256i ones = _mm256_set1_epi16(1);
+      __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+      for (int64_t g = 0, p = 0; g < num_groups; ++g) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (int64_t e = 0; e < pairs_per_group; ++e, ++p) {
+          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(row + p * 32));
+          const __m256i lo = _mm256_and_si256(bytes, mask), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i*)(xp + p * 64))),
+                                               _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i*)(xp + p * 64 + 32))));
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+          if (e & 1) a1 = _mm256_fmadd_ps(f, _mm256_load_ps(dd + p * 8), a1);
+          else a0 = _mm256_fmadd_ps(f, _mm256_load_ps(dd + p * 8), a0);
+        }
+        if (g & 1) t1 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(a0, a1), t1);
+        else t0 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(a0, a1), t0);
+      }
+      out[j] = hsum(_mm256_add_ps(t0, t1)) + off;
+    }
+    free(xp);
+    free(dd);
+    free(xq);
+    free(d);
+    free(xsum);
+    return;
   }
+#endif
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t j = 0; j < n; ++j) {
     const uint8_t* row = qw + j * (k / 2);

@@ -114,10 +114,13 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits,group,sym,act_order,k", [(4, 32, True, False, 128), (4, 128, False, False, 256),
-                                                          (4, 64, False, True, 128), (3, None, False, False, 96)])
+                                                          (4, 64, False, True, 128), (3, None, False, False, 96),
+                                                          (4, 32, False, False, 160)])
 def test_q4_int8_activation_kernel_matches_its_reference(bits, group, sym, act_order, k, monkeypatch):
     """LMFORGE_Q4_ACTIVATIONS=int8: one row of x rounded to int8 per 32 columns, the zero-point term on the exact
-    x; equal to that reference up to float summation order, and within the rounding's bound of the exact result."""
+    x; equal to that reference up to float summation order, and within the rounding's bound of the exact result.
+    The kernel's paths: two blocks per step with group % 64 == 0 (128, 64) and with group 32 (own scale per block;
+    K = 160: an odd last block), one block per step otherwise (per channel, K = 96: three blocks per group)."""
     lib = kernels.load()
     if lib is None:
         pytest.skip(f"no C kernels here: {kernels.status()}")
