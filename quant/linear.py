@@ -111,7 +111,7 @@ class Int8Linear(QuantLinear):
 
 def q4_int8_activations() -> bool:
     """LMFORGE_Q4_ACTIVATIONS=int8: 4-bit decode rounds activations to int8 per 32 columns (as onnxruntime-genai's
-    int4 default and llama.cpp do), about twice the GEMV speed for a bounded error; default fp32 (exact math on
+    int4 default and llama.cpp do), ~1.5x the GEMV speed for a bounded error; default fp32 (exact math on
     the dequantized weights, which the parity tests against transformers rely on)."""
     value = os.environ.get("LMFORGE_Q4_ACTIVATIONS", "fp32")
     if value not in ("fp32", "int8"):

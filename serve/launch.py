@@ -184,7 +184,10 @@ def add_command(sub: Any) -> None:
                             description=__doc__,
                             example="lmforge serve --model runs/small/final --port 50051 --ngram "
                                     "--http-port 8000 --metrics-port 9400\n"
-                                    "  lmforge serve --backend vllm --model runs/small/final --tensor-parallel-size 2")
+                                    "  lmforge serve --backend vllm --model runs/small/final --tensor-parallel-size 2\n"
+                                    "  LMFORGE_Q4_ACTIVATIONS=int8 lmforge serve --model runs/small/quant/gptq-4-32"
+                                    "   # 4-bit decode on int8-rounded\n"
+                                    "  #   activations (onnxruntime-genai's and llama.cpp's default; ours is exact fp32)")
     parser.add_argument("--config", metavar="FILE", help="YAML file of these options (flags override it)")
     add_config_arguments(parser, ServeConfig)
     parser.set_defaults(func=_run)
