@@ -59,6 +59,10 @@ class ServeConfig:
     max_num_seqs: int = field(default=256, metadata={"help": "sequences the engine runs per step"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens the engine computes per step"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV cache of shared prompt prefixes"})
+    cpu_packed_weights: bool = field(default=True, metadata={
+        "help": "native backend, fp32 on CPU: oneDNN-packed copies of the projections and LM head for batched "
+                "decode (9-256 rows per step; ~1.09x throughput at 64 sequences), at the cost of a second copy of "
+                "those weights in memory"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM only: GPUs each layer is split across"})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "vLLM only: pipeline stages (GPUs or nodes) the "
                                                                      "layers are split into"})
@@ -138,7 +142,8 @@ class ServeConfig:
                             kv_cache_memory_bytes=self.kv_cache_memory_bytes, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, speculative_method=method,
                             enable_prefix_caching=self.enable_prefix_caching,
-                            draft_model=self.draft_model, num_speculative_tokens=self.num_speculative_tokens)
+                            cpu_packed_weights=self.cpu_packed_weights, draft_model=self.draft_model,
+                            num_speculative_tokens=self.num_speculative_tokens)
 
     def server_config(self) -> Any:
         from serve.api.grpc_server import GrpcServerConfig

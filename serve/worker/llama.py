@@ -95,7 +95,7 @@ class LlamaDecoder:
 
     def __init__(self, cfg: DecoderConfig, state: dict[str, torch.Tensor], *, device: torch.device,
                  dtype: torch.dtype, source: str = "checkpoint", use_cpu_kernels: bool = True,
-                 quantization: dict[str, Any] | None = None) -> None:
+                 quantization: dict[str, Any] | None = None, packed_weights: bool = True) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
         # A quantized checkpoint (config.json `quantization_config`): its linears become quant/linear.py modules
         # (called instead of F.linear / linear_small_m); everything else runs as usual.
@@ -174,6 +174,16 @@ class LlamaDecoder:
         self._proj_descs = self._quantized_projection_descriptors()
         if self._proj_descs is not None:
             self.kernel_path += "; steps of few rows in one call with the quantized projections"
+        # Steps of 9 to PACKED_MAX_ROWS rows (batched decode) run the plain fp32 projections and the LM head on
+        # oneDNN-packed copies (onednn_packed): torch's F.linear re-lays out the weight for every call, which at
+        # these row counts costs as much as the multiply (docs/BENCHMARKS.md, issue 3, session 11).
+        self._packed: dict[int, torch.Tensor] = {}
+        if packed_weights and self.kernels is not None:
+            self._packed = onednn_packed([self.lm_head] + [w for layer in self.layers for w in
+                                                           (layer.qkv, layer.o, layer.gate_up, layer.down)])
+            if self._packed:
+                self.kernel_path += f"; oneDNN-packed weights for steps of {cpu_kernels.MAX_SMALL_M + 1}-" \
+                                    f"{PACKED_MAX_ROWS} rows"
         self._kv_ptrs: tuple[list, torch.Tensor] | None = None  # (the kv_caches list, its addresses)
         # compact_few_row_weights(): bf16 copies of the projections and LM head for steps of few rows
         self._compact: dict[str, Any] | None = None
@@ -221,14 +231,15 @@ class LlamaDecoder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
-                        use_cpu_kernels: bool = True) -> "LlamaDecoder":
+                        use_cpu_kernels: bool = True, packed_weights: bool = True) -> "LlamaDecoder":
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         cfg = DecoderConfig.from_checkpoint_config(config, str(path / "config.json"))
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         return cls(cfg, _load_state_dict(path), device=device, dtype=dtype, source=str(path),
-                   use_cpu_kernels=use_cpu_kernels, quantization=config.get("quantization_config"))
+                   use_cpu_kernels=use_cpu_kernels, quantization=config.get("quantization_config"),
+                   packed_weights=packed_weights)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int]:
         return (num_blocks * block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -239,7 +250,16 @@ class LlamaDecoder:
             return weight(x, bias)
         if self.kernels is not None and x.shape[0] <= cpu_kernels.MAX_SMALL_M:
             return self.kernels.linear_small_m(x.contiguous(), weight, bias)
+        packed = self._packed_weight(x, weight)
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
         return F.linear(x, weight, bias)
+
+    def _packed_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """The oneDNN-packed copy of `weight` when this step's rows are in the range it serves."""
+        if self._packed and x.shape[0] <= PACKED_MAX_ROWS:
+            return self._packed.get(weight.data_ptr())
+        return None
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -310,6 +330,8 @@ class LlamaDecoder:
                 x += layer.o(attn)
             elif few_rows:
                 kern.linear_small_m(attn, layer.o, out=x)  # x += attn @ o^T
+            elif (packed := self._packed_weight(attn, layer.o)) is not None:
+                x += torch.ops.mkldnn._linear_pointwise(attn, packed, None, "none", [], "")
             else:
                 x.addmm_(attn, layer.o.t())
             h = kern.rms_norm(x, layer.post_norm, eps)
@@ -319,7 +341,11 @@ class LlamaDecoder:
             elif few_rows:
                 kern.linear_small_m(kern.silu_mul(gate_up), layer.down, out=x)
             else:  # torch's vectorised exp beats the kernel's scalar one over thousands of rows
-                x.addmm_(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.down.t())
+                act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+                if (packed := self._packed_weight(act, layer.down)) is not None:
+                    x += torch.ops.mkldnn._linear_pointwise(act, packed, None, "none", [], "")
+                else:
+                    x.addmm_(act, layer.down.t())
         return kern.rms_norm(x, self.final_norm, eps)
 
     def _kv_pointers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -337,6 +363,27 @@ class LlamaDecoder:
         if self._compact is not None and hidden.shape[0] <= cpu_kernels.MAX_SMALL_M:
             return self.kernels.linear_small_m(hidden.contiguous(), self._compact["lm_head"])
         return self._linear(hidden, self.lm_head).float()
+
+
+# Up to this many rows per step the packed copies win (measured, 2 threads, `small` shapes: 1.1-1.5x at 64 rows, the
+# LM head most); prefill chunks of hundreds to thousands of rows run as fast on torch's F.linear.
+PACKED_MAX_ROWS = 256
+
+
+def onednn_packed(weights: list[object]) -> dict[int, torch.Tensor]:
+    """oneDNN-packed copies of the plain fp32 CPU weights among `weights` (quantized ones are skipped), keyed by
+    the weight's address: a second copy of those weights in memory. Empty where torch has no oneDNN (the
+    engine then runs F.linear, as before)."""
+    if not torch.backends.mkldnn.is_available():
+        return {}
+    packed: dict[int, torch.Tensor] = {}
+    try:
+        for w in weights:
+            if _is_plain_f32(w) and w.dim() == 2 and w.data_ptr() not in packed:
+                packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w, 64)  # 64: the batch it is tuned for
+    except (RuntimeError, AttributeError):  # a torch build without these ops
+        return {}
+    return packed
 
 
 def _is_plain_f32(t: object) -> bool:

@@ -101,3 +101,41 @@ def test_compact_bf16_weights_compute_what_bf16_rounded_weights_do(trained_check
         assert not torch.allclose(got, far, atol=1e-5, rtol=1e-5)
         lm_head = rounded.model.lm_head.to(torch.bfloat16).float()
         torch.testing.assert_close(compact.model.logits(got), got @ lm_head.T, atol=1e-4, rtol=1e-5)
+
+
+def test_onednn_packed_weights_for_batched_steps(trained_checkpoint):
+    """Steps of 9-256 rows run the fp32 projections and the LM head on oneDNN-packed copies: the same values as
+    F.linear up to summation order; fewer rows (our C kernels) and more (prefill chunks: F.linear) are untouched
+    bit for bit; and an engine with them gives the same greedy tokens and logprobs as one without."""
+    from serve.worker.llama import PACKED_MAX_ROWS
+    from serve.worker.model_runner import ModelRunner
+
+    packed = ModelRunner(trained_checkpoint, device="cpu", dtype=torch.float32, num_blocks=16).model
+    plain = ModelRunner(trained_checkpoint, device="cpu", dtype=torch.float32, num_blocks=16,
+                        packed_weights=False).model
+    if packed.kernels is None or not packed._packed:
+        import pytest
+
+        pytest.skip(f"no CPU kernels or no oneDNN here: {packed.kernel_path}")
+    assert "oneDNN-packed" in packed.kernel_path and not plain._packed and "oneDNN" not in plain.kernel_path
+    layer = packed.layers[0]
+    assert layer.qkv.data_ptr() in packed._packed and packed.lm_head.data_ptr() in packed._packed
+    torch.manual_seed(0)
+    pairs = [(packed.lm_head, plain.lm_head)] + [(getattr(layer, n), getattr(plain.layers[0], n))
+                                                  for n in ("qkv", "o", "gate_up", "down")]
+    for rows in (1, 8, 9, 64, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1):
+        for weight, plain_weight in pairs:
+            x = torch.randn(rows, weight.shape[1])
+            got, ref = packed._linear(x, weight), plain._linear(x, plain_weight)
+            if 8 < rows <= PACKED_MAX_ROWS:
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+            else:
+                assert torch.equal(got, ref)
+    prompts = [f"def f{i}(x):\n    return" for i in range(12)]  # 12 decodes per step; a prefill of ~100 rows
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    outs = [LLMEngine(EngineConfig(model=str(trained_checkpoint), cpu_packed_weights=p)).generate(prompts, params)
+            for p in (True, False)]
+    for a, b in zip(*outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        torch.testing.assert_close(torch.tensor([lp.chosen.logprob for lp in a.outputs[0].logprobs]),
+                                   torch.tensor([lp.chosen.logprob for lp in b.outputs[0].logprobs]), atol=1e-4, rtol=0)
