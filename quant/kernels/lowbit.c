@@ -137,6 +137,37 @@ static inline __attribute__((unused)) void q8act_quantize(const float* x, int64_
   }
 }
 
+/* The offset term of row j's output: bias + sum_g offset[j, g] * xsum[g]. */
+static inline float q4_row_offset(const float* of, const float* xsum, int64_t num_groups, const float* bias,
+                                  int64_t j) {
+  float off = bias ? bias[j] : 0.f;
+  for (int64_t g = 0; g < num_groups; ++g) off += of[g] * xsum[g];
+  return off;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* (q . xq) of blocks 2p and 2p + 1 as 8 float partial sums (lanes 0-3: block 2p, 4-7: block 2p + 1), from the
+ * row's 32 packed bytes of the pair and the paired activation layout xp. */
+static inline __m256 q8act_pair(const uint8_t* row, const int8_t* xp, int64_t p) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i bytes = _mm256_loadu_si256((const __m256i*)(row + p * 32));
+  const __m256i lo = _mm256_and_si256(bytes, mask), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i*)(xp + p * 64))),
+                                       _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i*)(xp + p * 64 + 32))));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+}
+
+/* (q . xq) of block b alone as 8 float partial sums, from its 16 packed bytes (two 128-bit halves). */
+static inline __m256 q8act_block(const uint8_t* row, const int8_t* xq, int64_t b) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)(row + b * 16));
+  const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m256i w = _mm256_set_m128i(hi, lo);  /* columns 0-15 (low nibbles), 16-31 (high nibbles) */
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_load_si256((const __m256i*)(xq + b * 32))),
+                                              _mm256_set1_epi16(1)));
+}
+#endif
+
 void lmfq_q4_linear_q8act_f32(const float* x, const uint8_t* qw, const float* scale, const float* offset,
                               const float* bias, float* out, int64_t n, int64_t k, int64_t group, int num_threads) {
   const int64_t num_groups = k / group, num_blocks = k / 32, per_group = group / 32;
@@ -151,9 +182,9 @@ void lmfq_q4_linear_q8act_f32(const float* x, const uint8_t* qw, const float* sc
   q8act_quantize(x, k, xq, d);
 #if defined(__AVX2__) && defined(__FMA__)
   if (per_group % 2 == 0 || per_group == 1) {
-    const int64_t num_pairs = num_blocks / 2;
-    int8_t* xp = (int8_t*)aligned_alloc(32, (size_t)(num_pairs * 64));  /* per pair: xlo (32 bytes), xhi */
-    float* dd = (float*)aligned_alloc(32, sizeof(float) * (size_t)(num_pairs * 8));
+    const int64_t num_pairs = num_blocks / 2, pairs_per_group = per_group / 2;
+    int8_t* xp = (int8_t*)aligned_alloc(32, (size_t)(num_pairs * 64 + 32));  /* per pair: xlo (32 bytes), xhi */
+    float* dd = (float*)aligned_alloc(32, sizeof(float) * (size_t)(num_pairs * 8 + 8));
     for (int64_t p = 0; p < num_pairs; ++p) {
       for (int t = 0; t < 16; ++t) {
         xp[p * 64 + t] = xq[p * 64 + t];                /* block 2p, columns 0-15 */
@@ -163,64 +194,33 @@ void lmfq_q4_linear_q8act_f32(const float* x, const uint8_t* qw, const float* sc
       }
       for (int t = 0; t < 4; ++t) { dd[p * 8 + t] = d[2 * p]; dd[p * 8 + 4 + t] = d[2 * p + 1]; }
     }
-    const int64_t pairs_per_group = per_group / 2;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t j = 0; j < n; ++j) {
-      if (per_group == 1) {  /* group 32: the two blocks of a pair have their own scales, (s[b] x4, s[b + 1] x4) */
-        const uint8_t* row = qw + j * (k / 2);
-        const float* sc = scale + j * num_groups;
-        const float* of = offset + j * num_groups;
-        float off = bias ? bias[j] : 0.f;
-        for (int64_t g = 0; g < num_groups; ++g) off += of[g] * xsum[g];
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        const __m256i ones = _mm256_set1_epi16(1);
-        __m256 t0 = _mm256_setzero_ps(), t1 = t0;
-        for (int64_t p = 0; p < num_pairs; ++p) {
-          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(row + p * 32));
-          const __m256i lo = _mm256_and_si256(bytes, mask), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i*)(xp + p * 64))),
-                                               _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i*)(xp + p * 64 + 32))));
-          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-          const __m256 sv = _mm256_set_m128(_mm_set1_ps(sc[2 * p + 1]), _mm_set1_ps(sc[2 * p]));
-          if (p & 1) t1 = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_load_ps(dd + p * 8)), t1);
-          else t0 = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_load_ps(dd + p * 8)), t0);
-        }
-        if (num_blocks % 2) {  /* an odd last block (K = 1376 = 43 x 32): on its own, in 128-bit halves */
-          const int64_t b = num_blocks - 1;
-          const __m128i m128 = _mm_set1_epi8(0x0F);
-          const __m128i bytes = _mm_loadu_si128((const __m128i*)(row + b * 16));
-          const __m128i lo = _mm_and_si128(bytes, m128), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m128);
-          const __m256i w = _mm256_set_m128i(hi, lo);
-          const __m256i q = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_load_si256((const __m256i*)(xq + b * 32))),
-                                              ones);
-          t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(sc[b] * d[b]), t0);
-        }
-        out[j] = hsum(_mm256_add_ps(t0, t1)) + off;
-        continue;
-      }
       const uint8_t* row = qw + j * (k / 2);
       const float* sc = scale + j * num_groups;
-      const float* of = offset + j * num_groups;
-      float off = bias ? bias[j] : 0.f;
-      for (int64_t g = 0; g < num_groups; ++g) off += of[g] * xsum[g];
-      const __m256i mask = _mm256_set1_epi8(0x0F);
-      const __m256i ones = _mm256_set1_epi16(1);
-      __m256 t0 = _mm256_setzero_ps(), t1 = t0;
-      for (int64_t g = 0, p = 0; g < num_groups; ++g) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        for (int64_t e = 0; e < pairs_per_group; ++e, ++p) {
-          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(row + p * 32));
-          const __m256i lo = _mm256_and_si256(bytes, mask), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i*)(xp + p * 64))),
-                                               _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i*)(xp + p * 64 + 32))));
-          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-          if (e & 1) a1 = _mm256_fmadd_ps(f, _mm256_load_ps(dd + p * 8), a1);
-          else a0 = _mm256_fmadd_ps(f, _mm256_load_ps(dd + p * 8), a0);
+      __m256 t0 = _mm256_setzero_ps(), t1 = t0;  /* two accumulators, alternating */
+      if (per_group == 1) {  /* group 32: the two blocks of a pair have their own scales, (s[b] x4, s[b + 1] x4) */
+        for (int64_t p = 0; p < num_pairs; ++p) {
+          const __m256 sv = _mm256_set_m128(_mm_set1_ps(sc[2 * p + 1]), _mm_set1_ps(sc[2 * p]));
+          const __m256 next = _mm256_fmadd_ps(q8act_pair(row, xp, p), _mm256_mul_ps(sv, _mm256_load_ps(dd + p * 8)), t0);
+          t0 = t1; t1 = next;
         }
-        if (g & 1) t1 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(a0, a1), t1);
-        else t0 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(a0, a1), t0);
+        if (num_blocks % 2) {  /* an odd last block (K = 1376 = 43 x 32): on its own */
+          const int64_t b = num_blocks - 1;
+          t0 = _mm256_fmadd_ps(q8act_block(row, xq, b), _mm256_set1_ps(sc[b] * d[b]), t0);
+        }
+      } else {  /* a group of pairs shares one scale: sum its pairs, then scale once */
+        for (int64_t g = 0, p = 0; g < num_groups; ++g) {
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+          for (int64_t e = 0; e < pairs_per_group; ++e, ++p) {
+            const __m256 next = _mm256_fmadd_ps(q8act_pair(row, xp, p), _mm256_load_ps(dd + p * 8), a0);
+            a0 = a1; a1 = next;
+          }
+          const __m256 next = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(a0, a1), t0);
+          t0 = t1; t1 = next;
+        }
       }
-      out[j] = hsum(_mm256_add_ps(t0, t1)) + off;
+      out[j] = hsum(_mm256_add_ps(t0, t1)) + q4_row_offset(offset + j * num_groups, xsum, num_groups, bias, j);
     }
     free(xp);
     free(dd);
@@ -234,23 +234,14 @@ void lmfq_q4_linear_q8act_f32(const float* x, const uint8_t* qw, const float* sc
   for (int64_t j = 0; j < n; ++j) {
     const uint8_t* row = qw + j * (k / 2);
     const float* sc = scale + j * num_groups;
-    const float* of = offset + j * num_groups;
-    float off = bias ? bias[j] : 0.f;
-    for (int64_t g = 0; g < num_groups; ++g) off += of[g] * xsum[g];
+    const float off = q4_row_offset(offset + j * num_groups, xsum, num_groups, bias, j);
 #if defined(__AVX2__) && defined(__FMA__)
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
     /* Four accumulators in rotation, so consecutive blocks' FMAs do not wait on each other's latency. */
     __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
     for (int64_t g = 0, b = 0; g < num_groups; ++g) {
       const float s = sc[g];
       for (int64_t e = 0; e < per_group; ++e, ++b) {
-        const __m128i bytes = _mm_loadu_si128((const __m128i*)(row + b * 16));
-        const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-        const __m256i w = _mm256_set_m128i(hi, lo);  /* columns 0-15 (low nibbles), 16-31 (high nibbles) */
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_load_si256((const __m256i*)(xq + b * 32))),
-                                            ones);  /* (8,) int32 partial sums of the block */
-        const __m256 next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * d[b]), t0);
+        const __m256 next = _mm256_fmadd_ps(q8act_block(row, xq, b), _mm256_set1_ps(s * d[b]), t0);
         t0 = t1; t1 = t2; t2 = t3; t3 = next;
       }
     }
