@@ -26,8 +26,10 @@ def peers_markdown(report: dict[str, Any]) -> str:
                 continue
             ratio = rows.get(f"native_over_{backend}")
             agree = r.get("greedy_agreement")
+            runs = r.get(f"runs_{key}")  # the native engine's W1 before and after the others: their mean
+            speed = _num(r[key], '.1f') + (f" (mean of {' and '.join(f'{v:.1f}' for v in runs)})" if runs else "")
             lines.append(
-                f"| {workload.upper()} | {backend} | {_num(r[key], '.1f')} | {_num(r.get('roofline_fraction'), '.1%')} | "
+                f"| {workload.upper()} | {backend} | {speed} | {_num(r.get('roofline_fraction'), '.1%')} | "
                 + (f"{_num(r['ttft_ms'], '.1f')} | {_num(r['itl_median_ms'], '.2f')}" if workload == "w2" else " | ")
                 + f" | {f'{ratio:.2f}x' if ratio else ''} | "
                 + (f"{agree['identical_fraction']:.0%} identical, {agree['prefix_fraction']:.1%} of tokens "

@@ -44,6 +44,13 @@ def test_bench_engine_smoke(tmp_path, trained_checkpoint):
     assert saved["results"] == json.loads(json.dumps(report["results"]))
     res = saved["results"]
     assert res["w1"]["native"]["output_tokens"] == 12 and res["w1"]["transformers"]["output_tokens"] == 12
+    # transformers ran after our W1: ours ran again after it, and the row is the mean of the two runs
+    runs = res["w1"]["native"]["runs_output_tokens_per_s"]
+    assert len(runs) == 2 and res["w1"]["native"]["output_tokens_per_s"] == pytest.approx(sum(runs) / 2)
+    assert res["w1"]["native"]["same_tokens_both_runs"] is True
+    assert "| W1 | native | " in (tmp_path / "engine.md").read_text() and "(mean of " in (tmp_path / "engine.md").read_text()
+    assert res["w1"]["native_over_transformers"] == pytest.approx(
+        res["w1"]["native"]["output_tokens_per_s"] / res["w1"]["transformers"]["output_tokens_per_s"])
     assert res["w2"]["native"]["output_tokens"] == 4 and res["w2"]["native"]["ttft_ms"] > 0
     assert 0 < res["w4"]["native"]["warm_over_cold"]
     assert saved["machine"]["fp32_matmul_gflops"] > 0 and (tmp_path / "engine.png").is_file()
