@@ -329,7 +329,11 @@ def build_plan(cfg: ModelConfig, plan: PlanConfig) -> dict[str, Any]:
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, kv_dtype),
             "kv_cache_bytes_full_context": kv_cache_bytes_per_token(cfg, kv_dtype) * cfg.max_position_embeddings,
             "weights_bytes": {name: inference_memory(cfg, dtype_bytes=b, context_len=0, batch=1).weights_bytes
-                              for name, b in WEIGHT_DTYPE_BYTES.items()}},
+                              for name, b in WEIGHT_DTYPE_BYTES.items()},
+            # the native engine, fp32 on CPU: a oneDNN-packed second copy of the projections and the LM head
+            # (serve --cpu-packed-weights, the default) for batched decode
+            "cpu_packed_weights_bytes": 4 * (count_parameters(cfg).attention + count_parameters(cfg).mlp
+                                             + cfg.hidden_size * cfg.vocab_size)},
     }
     if plan.num_examples is not None and plan.avg_len is not None:
         tokens = dataset_tokens(plan.epochs, plan.num_examples, plan.avg_len)
@@ -402,6 +406,8 @@ def format_plan(r: dict[str, Any]) -> str:
         f"{_bytes(inf['kv_cache_bytes_full_context'])} per sequence",
         "  weights               " + ", ".join(f"{k} {_bytes(v)}" for k, v in inf["weights_bytes"].items())
         + "  (int: no scales)",
+        f"  + packed copy         {_bytes(inf['cpu_packed_weights_bytes'])}   (native engine, fp32 on CPU, for "
+        "batched decode; off: serve --no-cpu-packed-weights)",
     ]
     if "dataset" in r:
         d = r["dataset"]

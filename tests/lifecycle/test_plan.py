@@ -211,6 +211,9 @@ def test_cli_json_and_dataset_eta(capsys):
     assert report["dataset"]["optimizer_steps"] == 62  # ceil(1e6 / 16384)
     assert report["dataset"]["eta_s"] == 100
     assert report["inference"]["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(cfg, 2)
+    params = count_parameters(cfg)  # the engine packs qkv, o, gate_up, down and the LM head: fp32, once more
+    assert report["inference"]["cpu_packed_weights_bytes"] == 4 * (params.attention + params.mlp
+                                                                   + cfg.hidden_size * cfg.vocab_size)
 
     args = parse("--preset", "tiny", "--num-examples", "100", "--avg-len", "50", "--tokens-per-s", "5000")
     args.func(args)
