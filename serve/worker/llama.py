@@ -177,7 +177,7 @@ class LlamaDecoder:
         # Steps of 9 to PACKED_MAX_ROWS rows (batched decode) run the plain fp32 projections and the LM head on
         # oneDNN-packed copies (onednn_packed): torch's F.linear re-lays out the weight for every call, which at
         # these row counts costs as much as the multiply (docs/BENCHMARKS.md, issue 3, session 11).
-        self._packed: dict[int, torch.Tensor] = {}
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if packed_weights and self.kernels is not None:
             self._packed = onednn_packed([self.lm_head] + [w for layer in self.layers for w in
                                                            (layer.qkv, layer.o, layer.gate_up, layer.down)])
@@ -258,7 +258,9 @@ class LlamaDecoder:
     def _packed_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """The oneDNN-packed copy of `weight` when this step's rows are in the range it serves."""
         if self._packed and x.shape[0] <= PACKED_MAX_ROWS:
-            return self._packed.get(weight.data_ptr())
+            entry = self._packed.get(weight.data_ptr())
+            if entry is not None and entry[0] is weight:  # the very tensor it was packed from
+                return entry[1]
         return None
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -370,17 +372,17 @@ class LlamaDecoder:
 PACKED_MAX_ROWS = 256
 
 
-def onednn_packed(weights: list[object]) -> dict[int, torch.Tensor]:
+def onednn_packed(weights: list[object]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """oneDNN-packed copies of the plain fp32 CPU weights among `weights` (quantized ones are skipped), keyed by
-    the weight's address: a second copy of those weights in memory. Empty where torch has no oneDNN (the
-    engine then runs F.linear, as before)."""
+    the weight's address, each with the weight it was packed from (so a lookup can check it is that tensor): a
+    second copy of those weights in memory. Empty where torch has no oneDNN (the engine then runs F.linear)."""
     if not torch.backends.mkldnn.is_available():
         return {}
-    packed: dict[int, torch.Tensor] = {}
+    packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for w in weights:
             if _is_plain_f32(w) and w.dim() == 2 and w.data_ptr() not in packed:
-                packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w, 64)  # 64: the batch it is tuned for
+                packed[w.data_ptr()] = (w, torch.ops.mkldnn._reorder_linear_weight(w, 64))  # 64: the batch it suits
     except (RuntimeError, AttributeError):  # a torch build without these ops
         return {}
     return packed
