@@ -92,6 +92,9 @@ class ServeConfig:
         self.auth_token()  # a named source that holds no token is refused now, not at the first request
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.backend != "native" and not self.cpu_packed_weights:
+            raise ConfigError(f"--no-cpu-packed-weights: an option of the native engine's CPU path; the {self.backend} "
+                              "backend does not use it (leave it out, or use --backend native)")
         if self.backend != "vllm":
             for flag, value, default in (("--tensor-parallel-size", self.tensor_parallel_size, 1),
                                          ("--pipeline-parallel-size", self.pipeline_parallel_size, 1),

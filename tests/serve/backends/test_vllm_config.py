@@ -64,6 +64,9 @@ def test_serve_flags_build_the_vllm_config(tmp_path):
         ServeConfig(model=str(tmp_path), tensor_parallel_size=2)
     with pytest.raises(ConfigError, match="^--device"):
         ServeConfig(model=str(tmp_path), backend="vllm", device="cpu")
+    with pytest.raises(ConfigError, match="^--no-cpu-packed-weights: .* the vllm backend does not use it"):
+        ServeConfig(model=str(tmp_path), backend="vllm", cpu_packed_weights=False)
+    assert ServeConfig(model=str(tmp_path), cpu_packed_weights=False).engine_config().cpu_packed_weights is False
 
 
 def test_gptq_is_refused_on_a_cpu_without_the_kernel_and_names_native():
