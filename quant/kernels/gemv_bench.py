@@ -26,7 +26,8 @@ import torch
 from lifecycle.data.manifest import check_output_file
 from lifecycle.errors import ConfigError
 from lifecycle.native_build import build_shared_library, find_c_compiler
-from quant.kernels import CFLAGS, SOURCE, LowbitKernels
+from quant import kernels
+from quant.kernels import CFLAGS, LowbitKernels
 
 # (N, K): `base` qkv, o, gate_up, down, LM head; `small` gate_up and down.
 SHAPES = [(1280, 768), (768, 768), (4096, 768), (768, 2048), (32000, 768), (2752, 512), (512, 1376)]
@@ -34,6 +35,7 @@ KERNELS = ("q4_linear", "q4_linear_int8_activations")
 
 
 def build(source: Path, name: str) -> LowbitKernels:
+    """Another version of lowbit.c, built (and cached) as quant.kernels builds the current one."""
     compiler = find_c_compiler()
     if compiler is None:
         raise SystemExit("error: no C compiler (cc/gcc) on PATH")
@@ -99,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             check_output_file(Path(args.output), "--output")
         except ConfigError as err:
             raise SystemExit(f"error: {err}") from None
-    versions = {"current": build(SOURCE, "lmforge_lowbit.so")}
+    current = kernels.load()  # the library the engine uses
+    if current is None:
+        raise SystemExit(f"error: no low-bit kernels here: {kernels.status()}")
+    versions = {"current": current}
     if args.against is not None:
         if not args.against.is_file():
             raise SystemExit(f"error: --against: {args.against}: no such file")
