@@ -59,6 +59,9 @@ def add_command(sub: Any) -> None:
     p.add_argument("--eval-blocks", type=int, default=40, help="perplexity blocks per held-out set")
     p.add_argument("--wikitext", default=str(default_wikitext()),
                    help="WikiText-2 text for perplexity ('none' to skip; skipped with a note when absent)")
+    p.add_argument("--eval-set", action="append", default=[], metavar="NAME=FILE[,FILE...]",
+                   help="another held-out set for perplexity and KL, under NAME (repeatable; files read as "
+                        "--calibration-data, field --text-field), e.g. demo=corpus/heldout.jsonl")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded to measure speed (0: skip)")
     p.add_argument("--no-eval", action="store_true", help="write the checkpoints only: no perplexity, no speed")
     p.add_argument("--overwrite", action="store_true", help="replace existing method directories")
@@ -93,6 +96,7 @@ def run(args: Any) -> int:
         raise ConfigError(f"--compare: a method is listed twice ({', '.join(labels)})")
     if args.eval_seq_len < 2 or args.eval_blocks < 1 or args.decode_tokens < 0:
         raise ConfigError("--eval-seq-len must be >= 2, --eval-blocks >= 1, --decode-tokens >= 0")
+    _extra_eval_sets(args.eval_set, taken={"own", "wikitext2"})  # a malformed --eval-set fails before any work
     src = open_source(args.checkpoint)
     for cfg in cfgs:
         check_shapes(src, cfg)
@@ -204,6 +208,7 @@ def _report(src, calib, calib_source, args, eval_sets, rows) -> dict[str, Any]:
     report = {"meta": {"checkpoint": str(src.path), "calibration": calib_source,
                        "num_samples": int(calib.shape[0]) if calib is not None else 0, "seq_len": args.seq_len,
                        "eval_seq_len": args.eval_seq_len, "eval_blocks": {n: int(b.shape[0]) for n, b in eval_sets.items()},
+                       "eval_sources": getattr(args, "_eval_sources", {}),
                        "decode_tokens": args.decode_tokens, "notes": getattr(args, "_notes", [])},
               "eval_sets": list(eval_sets), "rows": rows}
     report["meta"]["eval_blocks"] = max(report["meta"]["eval_blocks"].values(), default=0)
@@ -239,8 +244,31 @@ def _prompt(src) -> list[int]:
     return ids or [random.Random(0).randrange(src.config["vocab_size"])]
 
 
+def _extra_eval_sets(specs: list[str], taken: set[str]) -> list[tuple[str, list[str]]]:
+    """`--eval-set NAME=FILE[,FILE...]` values, checked: a name once, not `own`/`wikitext2`, files that exist."""
+    from lifecycle.errors import DataError
+
+    out: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        name, sep, files = spec.partition("=")
+        name = name.strip()
+        paths = [f.strip() for f in files.split(",") if f.strip()]
+        if not sep or not name or not paths:
+            raise ConfigError(f"--eval-set {spec!r}: expected NAME=FILE[,FILE...]")
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"--eval-set {spec!r}: NAME may hold letters, digits, '-', '_' and '.' only")
+        if name in taken:
+            raise ConfigError(f"--eval-set {spec!r}: the set name {name!r} is already used")
+        for path in paths:
+            if not Path(path).exists():
+                raise DataError(f"--eval-set {name}: {path} not found")
+        taken.add(name)
+        out.append((name, paths))
+    return out
+
+
 def _eval_sets(src, args) -> dict[str, Any]:
-    """Held-out blocks: the checkpoint's own corpus and WikiText-2 (when the file is there)."""
+    """Held-out blocks: the checkpoint's own corpus, WikiText-2 (when the file is there) and every --eval-set."""
     from lifecycle.errors import DataError
     from quant import calibration
 
@@ -248,10 +276,12 @@ def _eval_sets(src, args) -> dict[str, Any]:
     max_len = int(src.config.get("max_position_embeddings", args.eval_seq_len))
     seq_len = min(args.eval_seq_len, max_len)
     args._notes = []
+    args._eval_sources = {}
     sets = {}
     try:
         sets["own"] = calibration.eval_blocks(tok, calibration.heldout_texts(src), seq_len=seq_len,
                                               max_blocks=args.eval_blocks, source=f"{src.path} held-out data")
+        args._eval_sources["own"] = f"{src.path}: the held-out documents of its training data"
     except DataError as err:
         args._notes.append(f"own held-out text skipped: {err}")
     if args.wikitext and args.wikitext.lower() != "none":
@@ -260,8 +290,13 @@ def _eval_sets(src, args) -> dict[str, Any]:
             text = path.read_text(encoding="utf-8")
             sets["wikitext2"] = calibration.eval_blocks(tok, [text], seq_len=seq_len, max_blocks=args.eval_blocks,
                                                         source=str(path))
+            args._eval_sources["wikitext2"] = str(path)
         else:
             args._notes.append(f"WikiText-2 skipped: {path} not found")
+    for name, paths in _extra_eval_sets(getattr(args, "eval_set", None) or [], taken=set(sets) | {"wikitext2"}):
+        sets[name] = calibration.eval_blocks(tok, calibration.file_texts(paths, text_field=args.text_field),
+                                             seq_len=seq_len, max_blocks=args.eval_blocks, source=",".join(paths))
+        args._eval_sources[name] = ",".join(paths)
     if not sets:
         raise DataError("no held-out text for perplexity: " + "; ".join(args._notes) + " (or pass --no-eval)")
     args.eval_seq_len = seq_len

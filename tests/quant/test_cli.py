@@ -64,6 +64,42 @@ def test_bad_method_specs(extra, needles, tiny_checkpoint, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_eval_set_adds_a_held_out_set(tiny_checkpoint, tmp_path):
+    """`--eval-set NAME=FILE`: perplexity and KL on the user's own held-out text, as a column set of its own."""
+    from quant.calibration import heldout_texts
+    from lifecycle.checkpoint import load_checkpoint
+
+    text = tmp_path / "mine.txt"
+    text.write_text("\n\n".join(heldout_texts(load_checkpoint(tiny_checkpoint))))  # the own set, as a file
+    out = tmp_path / "q"
+    argv = ["quantize", str(tiny_checkpoint), "-o", str(out), "--method", "rtn:4:32", *FAST, "--eval-set", f"mine={text}"]
+    argv[argv.index("--decode-tokens") + 1] = "0"
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_sets"] == ["own", "mine"] and report["meta"]["eval_sources"]["mine"] == str(text)
+    row = report["rows"][1]
+    mine, own = row["perplexity"]["mine"], row["perplexity"]["own"]
+    assert mine["before"] > 1 and mine["after"] > 1 and row["divergence"]["mine"]["positions"] > 0
+    assert abs(mine["before"] / own["before"] - 1) < 0.2  # the same documents, joined slightly differently
+    assert "ppl mine before" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("mine", "expected NAME=FILE"),
+    ("=x.txt", "expected NAME=FILE"),
+    ("own={f}", "the set name 'own' is already used"),
+    ("a b={f}", "NAME may hold"),
+    ("mine=/nonexistent/held.txt", "--eval-set mine: /nonexistent/held.txt not found"),
+])
+def test_bad_eval_set(spec, needle, tiny_checkpoint, tmp_path, capsys):
+    f = tmp_path / "held.txt"
+    f.write_text("some text\n")
+    out = tmp_path / "q"
+    _fails(["quantize", str(tiny_checkpoint), "-o", str(out), "--method", "rtn:4:32", *FAST,
+            "--eval-set", spec.format(f=f)], capsys, needle)
+    assert not out.exists()
+
+
 def test_bad_calibration_data(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
     empty = tmp_path / "empty.txt"
