@@ -293,7 +293,7 @@ def _eval_sets(src, args) -> dict[str, Any]:
             args._eval_sources["wikitext2"] = str(path)
         else:
             args._notes.append(f"WikiText-2 skipped: {path} not found")
-    for name, paths in _extra_eval_sets(getattr(args, "eval_set", None) or [], taken=set(sets) | {"wikitext2"}):
+    for name, paths in _extra_eval_sets(getattr(args, "eval_set", None) or [], taken={"own", "wikitext2"}):
         sets[name] = calibration.eval_blocks(tok, calibration.file_texts(paths, text_field=args.text_field),
                                              seq_len=seq_len, max_blocks=args.eval_blocks, source=",".join(paths))
         args._eval_sources[name] = ",".join(paths)
