@@ -141,9 +141,9 @@ def _run_methods(args, src, cfgs, targets, calib, calib_source, eval_sets, cache
         before = {name: evaluate_set(parent_model, blocks, name, cache, parent=True, desc=f"ppl {name} (fp32)",
                                      progress=progress)["perplexity"]
                   for name, blocks in eval_sets.items()}
-        del parent_model
         if args.decode_tokens:
-            base_speed = decode_speed(src.path, _prompt(src), args.decode_tokens)
+            base_speed = decode_speed(src.path, _prompt(src), args.decode_tokens, reference=parent_model)
+        del parent_model
         rows.append({"method": "fp32 (parent)", "bits": 32, "group_size": None, "linear_size_vs_fp16": 2.0,
                      "size_vs_fp16": 2.0, "perplexity": {n: {"before": v, "after": v, "relative_change": 0.0}
                                                          for n, v in before.items()},
@@ -184,12 +184,12 @@ def _run_methods(args, src, cfgs, targets, calib, calib_source, eval_sets, cache
                 row["perplexity"][name] = {"before": before[name], "after": after,
                                            "relative_change": relative(after, before[name])}
                 row["divergence"][name] = ev  # KL(parent || this) mean and p99, top-1 agreement, positions
-            del model
             if args.decode_tokens:
-                speed = decode_speed(target, _prompt(src), args.decode_tokens)
+                speed = decode_speed(target, _prompt(src), args.decode_tokens, reference=model)
                 row.update(speed)
                 if base_speed.get("decode_tokens_per_s") and speed.get("decode_tokens_per_s"):
                     row["decode_speedup_vs_fp32"] = speed["decode_tokens_per_s"] / base_speed["decode_tokens_per_s"]
+            del model
         rows.append(row)
         if len(rows) < len(cfgs) + bool(eval_sets):  # what is done so far, in case a long run is stopped
             write_report(_report(src, calib, calib_source, args, eval_sets, rows), out)

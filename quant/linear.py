@@ -11,7 +11,9 @@ Kernels on CPU (torch 2.13):
   (symmetric). An asymmetric per-channel grid adds one rank-1 correction:
   x · ((q - z) s)ᵀ = s ⊙ (x · (q - 128)ᵀ) - rowsum(x) · ((z - 128) s).
 - `LowbitLinear` / `NF4Linear`: our AVX2 kernels (quant/kernels/lowbit.c) for the few rows of decode: 4-bit
-  groups, 8-bit per channel, and NF4 blocks (table lookup in registers).
+  groups, 8-bit per channel, and NF4 blocks (table lookup in registers). One exception to the equation above:
+  a 4-bit GEMV of one row rounds x to int8 per 32 columns by default (`q4_int8_activations`; bounded error,
+  LMFORGE_Q4_ACTIVATIONS=fp32 for exact math).
 - `DequantLinear`: everything else (8-bit groups, shapes the kernels refuse, no C compiler): the compact form is
   kept and dequantized at every call ("dequantize-on-the-fly"), the fallback the engine reports.
 """
@@ -110,12 +112,16 @@ class Int8Linear(QuantLinear):
 
 
 def q4_int8_activations() -> bool:
-    """LMFORGE_Q4_ACTIVATIONS=int8: 4-bit decode rounds activations to int8 per 32 columns (as onnxruntime-genai's
-    int4 default and llama.cpp do), ~1.5x the GEMV speed for a bounded error; default fp32 (exact math on
-    the dequantized weights, which the parity tests against transformers rely on)."""
-    value = os.environ.get("LMFORGE_Q4_ACTIVATIONS", "fp32")
+    """Whether 4-bit GEMVs of one row (single-stream decode) round the activations to int8 per 32 columns, as
+    onnxruntime-genai's int4 default (MatMulNBits accuracy_level 4) and llama.cpp do: ~1.5x the GEMV speed for a
+    per-token error that is bounded (|x - x_hat| <= d / 2 per block), tested against the exact path and reported
+    by `lmforge quantize` (engine logprob error column). The default. LMFORGE_Q4_ACTIVATIONS=fp32 keeps exact fp32
+    math on the dequantized weights for every row (greedy output equal to transformers' on the same checkpoint up to
+    summation order). Steps of 2+ rows always use fp32 activations."""
+    value = os.environ.get("LMFORGE_Q4_ACTIVATIONS", "int8")
     if value not in ("fp32", "int8"):
-        raise ConfigError(f"LMFORGE_Q4_ACTIVATIONS={value!r}: use fp32 (default) or int8")
+        raise ConfigError(f"LMFORGE_Q4_ACTIVATIONS={value!r}: use int8 (default: one-row 4-bit GEMVs on int8-rounded "
+                          "activations) or fp32 (exact)")
     return value == "int8"
 
 
@@ -143,8 +149,8 @@ class LowbitLinear(QuantLinear):
             self.path = "int4 weight-only GEMV (lmforge lowbit kernel; tiled dequantize + torch GEMM above 8 rows)"
             self.int8_activations = q4_int8_activations()
             if self.int8_activations:
-                self.path = ("int4 x int8-activation GEMV for one row (lmforge lowbit kernel, LMFORGE_Q4_ACTIVATIONS="
-                             "int8; fp32 GEMV up to 8 rows, tiled dequantize + torch GEMM above)")
+                self.path = ("int4 x int8-activation GEMV for one row (lmforge lowbit kernel; LMFORGE_Q4_ACTIVATIONS=fp32 "
+                             "for exact; fp32 GEMV up to 8 rows, tiled dequantize + torch GEMM above)")
         else:
             self.qw = (q.to(torch.int32) - 128).to(torch.int8).contiguous()  # (N, K)
             self.scale = self.scale[:, 0].contiguous()

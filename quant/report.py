@@ -76,8 +76,10 @@ def sizes(parent_config: dict[str, Any], quantized_path: Path) -> dict[str, Any]
             "linear_size_vs_fp16": linear_bytes / fp16_linear}
 
 
-def decode_speed(model_path: Path, prompt_ids: list[int], num_tokens: int) -> dict[str, Any]:
-    """Single-stream greedy decode in our engine: tokens/s between the first and the last new token."""
+def decode_speed(model_path: Path, prompt_ids: list[int], num_tokens: int, reference=None) -> dict[str, Any]:
+    """Single-stream greedy decode in our engine: tokens/s between the first and the last new token. With a
+    `reference` (transformers model: the parent, or the dequantized child, fp32), also the engine's per-token error:
+    its logprobs of its own greedy tokens against the reference's on the same tokens (teacher-forced)."""
     from serve.bench_engine import native_stream
     from serve.engine.llm_engine import EngineConfig, LLMEngine
 
@@ -90,8 +92,30 @@ def decode_speed(model_path: Path, prompt_ids: list[int], num_tokens: int) -> di
         for out in engine.step():
             stamps += [time.perf_counter()] * sum(len(c.token_ids) for c in out.outputs)
     decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
-    return {"decode_tokens_per_s": (len(stamps) - 1) / decode_s if decode_s > 0 else None,
-            "ttft_s": stamps[0] - start if stamps else None, "engine_path": engine.runner.model.kernel_path}
+    result = {"decode_tokens_per_s": (len(stamps) - 1) / decode_s if decode_s > 0 else None,
+              "ttft_s": stamps[0] - start if stamps else None, "engine_path": engine.runner.model.kernel_path}
+    if reference is not None:
+        result |= engine_logprob_error(engine, reference, prompt_ids, num_tokens)
+    return result
+
+
+def engine_logprob_error(engine, reference, prompt_ids: list[int], num_tokens: int) -> dict[str, Any]:
+    """max / mean |logprob(engine) - logprob(reference)| over the engine's greedy tokens, one stream (so one-row
+    GEMVs: the path where 4-bit kernels round activations to int8 by default)."""
+    from serve.types import SamplingParams
+
+    params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+    completion = engine.generate([prompt_ids], params)[0].outputs[0]
+    tokens = list(completion.token_ids)
+    if not tokens:
+        return {}
+    got = torch.tensor([lp.chosen.logprob for lp in completion.logprobs], dtype=torch.float64)
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1:-1].double()
+    ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    err = (got - ref).abs()
+    return {"engine_logprob_error_max": float(err.max()), "engine_logprob_error_mean": float(err.mean()),
+            "engine_logprob_tokens": len(tokens)}
 
 
 def _greedy(n: int):
@@ -113,7 +137,7 @@ def markdown(report: dict[str, Any]) -> str:
     head = [c[1] for c in COLUMNS]
     for s in sets:
         head += [f"ppl {s} before", f"ppl {s} after", f"Δ {s}", f"KL {s}", f"KL p99 {s}", f"top-1 {s}"]
-    head += ["calibration s", "quantize s", "decode tok/s", "engine path"]
+    head += ["calibration s", "quantize s", "decode tok/s", "engine Δlogprob max", "engine path"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         cells = [("-" if row.get(k) is None else f.format(row[k])) for k, _, f in COLUMNS]
@@ -123,7 +147,8 @@ def markdown(report: dict[str, Any]) -> str:
             dv = row.get("divergence", {}).get(s, {})
             cells += [_f(dv.get("kl_mean"), "{:.5f}"), _f(dv.get("kl_p99"), "{:.5f}"), _f(dv.get("top1_agreement"), "{:.2%}")]
         cells += [_f(row.get("calibration_s"), "{:.1f}"), _f(row.get("quantize_s"), "{:.1f}"),
-                  _f(row.get("decode_tokens_per_s"), "{:.1f}"), row.get("engine_path", "-")]
+                  _f(row.get("decode_tokens_per_s"), "{:.1f}"), _f(row.get("engine_logprob_error_max"), "{:.1e}"),
+                  row.get("engine_path", "-")]
         lines.append("| " + " | ".join(cells) + " |")
     meta = report["meta"]
     text = [f"# lmforge quantize: {meta['checkpoint']}", "",
@@ -131,7 +156,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"Perplexity: {meta['eval_blocks']} blocks of {meta['eval_seq_len']} tokens per set, fp32 math on the "
             f"dequantized weights. KL: mean and 99th percentile over those positions of KL(fp32 parent || quantized) of the "
             f"next-token distribution, in nats; top-1: share of positions where both predict the same token. "
-            f"Decode: {meta['decode_tokens']} tokens, one stream, our engine on CPU.", "",
+            f"Decode: {meta['decode_tokens']} tokens, one stream, our engine on CPU. Engine Δlogprob: the largest "
+            f"|logprob in our engine - logprob of fp32 math on the (dequantized) weights| of the engine's greedy tokens "
+            f"(one-row 4-bit GEMVs round activations to int8 per 32 columns; LMFORGE_Q4_ACTIVATIONS=fp32: exact).", "",
             *lines, ""]
     return "\n".join(text)
 

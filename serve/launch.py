@@ -193,9 +193,9 @@ def add_command(sub: Any) -> None:
                             example="lmforge serve --model runs/small/final --port 50051 --ngram "
                                     "--http-port 8000 --metrics-port 9400\n"
                                     "  lmforge serve --backend vllm --model runs/small/final --tensor-parallel-size 2\n"
-                                    "  LMFORGE_Q4_ACTIVATIONS=int8 lmforge serve --model runs/small/quant/gptq-4-32"
-                                    "   # 4-bit decode on int8-rounded\n"
-                                    "  #   activations (onnxruntime-genai's and llama.cpp's default; ours is exact fp32)")
+                                    "  LMFORGE_Q4_ACTIVATIONS=fp32 lmforge serve --model runs/small/quant/gptq-4-32"
+                                    "   # exact 4-bit decode (default:\n"
+                                    "  #   one-row 4-bit GEMVs on int8-rounded activations, as onnxruntime-genai and llama.cpp)")
     parser.add_argument("--config", metavar="FILE", help="YAML file of these options (flags override it)")
     add_config_arguments(parser, ServeConfig)
     parser.set_defaults(func=_run)

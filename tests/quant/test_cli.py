@@ -40,6 +40,13 @@ def test_compare_writes_checkpoints_and_report(tiny_checkpoint, tmp_path, capsys
     assert rows["int8"]["linear_size_vs_fp16"] < 0.55 and rows["gptq:3:32"]["linear_size_vs_fp16"] < 0.3
     assert "int4" in rows["gptq:3:32"]["engine_path"] and "dequantize-on-the-fly" not in rows["gptq:3:32"]["engine_path"]
     assert rows["nf4"]["decode_tokens_per_s"] > 0
+    # the engine's per-token error against fp32 math on the same (dequantized) weights, reported per row: summation
+    # order for fp32, int8 and NF4; for 4-bit (one-row GEMVs on int8-rounded activations by default) larger, bounded
+    err = {m: r["engine_logprob_error_max"] for m, r in rows.items()}
+    assert all(r["engine_logprob_tokens"] == 8 for r in rows.values())
+    assert err["fp32 (parent)"] < 1e-3 and err["int8"] < 1e-3 and err["nf4"] < 1e-3
+    assert "int8-activation" in rows["gptq:3:32"]["engine_path"] and 0 < err["gptq:3:32"] < 5e-2
+    assert "engine Δlogprob max" in (out / "report.md").read_text()
     assert "| gptq:3:32 | 3 | 32 |" in capsys.readouterr().out
 
 

@@ -1,5 +1,8 @@
 """Our engine on quantized checkpoints: the low-bit kernel it reports, and greedy output equal to
-transformers' on the same checkpoint (fp32 math on the dequantized weights, and the reference libraries)."""
+transformers' on the same checkpoint (fp32 math on the dequantized weights, and the reference libraries).
+
+The exact-parity tests run 4-bit GEMVs of one row on fp32 activations (LMFORGE_Q4_ACTIVATIONS=fp32); the default,
+int8-rounded activations for those, is checked against that exact path with a bounded, reported logprob error."""
 
 from __future__ import annotations
 
@@ -24,6 +27,12 @@ CASES = [("gptq:4:32", dict(act_order=True, sym=False), "int4"),
          ("gptq:4:32", dict(quantize_lm_head=True), "int4"),
          ("int8", dict(quantize_lm_head=True), "int8"),
          ("nf4", dict(quantize_lm_head=True), "nf4")]
+
+
+@pytest.fixture(autouse=True)
+def exact_q4_activations(monkeypatch):
+    """Exact fp32 activations for one-row 4-bit GEMVs unless a test sets otherwise."""
+    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "fp32")
 
 
 def _engine_greedy(path, tokenizer, use_cpu_kernels=True):
@@ -118,9 +127,9 @@ def test_quantized_linears_on_both_engine_paths(spec, overrides, quantized):
 
 
 def test_int8_activations_bounded_logprob_error(quantized, monkeypatch, capsys):
-    """LMFORGE_Q4_ACTIVATIONS=int8 (4-bit GEMVs on activations rounded to int8 per 32 columns, as onnxruntime-genai's
-    int4 default): the path is named, and against the exact fp32-activation path the greedy tokens agree up to the
-    first divergence with a bounded, reported per-token logprob error."""
+    """The default for one-row 4-bit GEMVs (activations rounded to int8 per 32 columns, as onnxruntime-genai's int4
+    default; LMFORGE_Q4_ACTIVATIONS=fp32 turns it off): the path is named, and against the exact fp32-activation
+    path the greedy tokens agree up to the first divergence with a bounded, reported per-token logprob error."""
     from transformers import AutoTokenizer
 
     def one_at_a_time():  # one sequence per step: decode steps of one row, the path this setting changes
@@ -133,7 +142,7 @@ def test_int8_activations_bounded_logprob_error(quantized, monkeypatch, capsys):
     exact, exact_outs = one_at_a_time()
     if exact.runner.model.kernels is None:
         pytest.skip(f"no CPU kernels here: {exact.runner.model.kernel_path}")
-    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "int8")
+    monkeypatch.delenv("LMFORGE_Q4_ACTIVATIONS")  # the default
     rounded, rounded_outs = one_at_a_time()
     assert "int8-activation" in rounded.runner.model.kernel_path
     worst, compared = 0.0, 0

@@ -10,6 +10,13 @@ from quant import kernels, primitives as P
 from quant.linear import DequantLinear, Int4Linear, Int8Linear, LowbitLinear, NF4Linear, grid_linear, nf4_linear
 
 
+@pytest.fixture(autouse=True)
+def exact_q4_activations(monkeypatch):
+    """The kernels' exact path (fp32 activations) for one-row 4-bit GEMVs unless a test sets otherwise; the default,
+    int8-rounded activations, has its own tests below."""
+    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "fp32")
+
+
 def _grid(bits, group, sym, n=48, k=128, act_order=False, seed=0):
     torch.manual_seed(seed)
     w = torch.randn(n, k)
@@ -159,6 +166,8 @@ def test_q4_activations_setting_is_checked(monkeypatch):
     with pytest.raises(ConfigError, match="LMFORGE_Q4_ACTIVATIONS='int4'"):
         q4_int8_activations()
     monkeypatch.delenv("LMFORGE_Q4_ACTIVATIONS")
+    assert q4_int8_activations()  # the default: one-row 4-bit GEMVs on int8-rounded activations
+    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "fp32")
     assert not q4_int8_activations()
 
 
