@@ -174,6 +174,8 @@ def bench(paths: list[str], *, prompt: list[int], num_tokens: int, rounds: int, 
         for r in range(rounds):  # interleaved: every model once per round
             for k, fn in runs.items():
                 seconds, tokens = fn(r)
+                if len(tokens) != num_tokens:  # the rate is (num_tokens - 1) / seconds: a short round would lie
+                    raise RuntimeError(f"{k}: decoded {len(tokens)} of {num_tokens} tokens in round {r}")
                 times[k].append(seconds)
                 outputs[k].append(tokens)
     finally:

@@ -33,7 +33,10 @@ def decode(model, prompt: list[int], num_tokens: int) -> tuple[float, list[int]]
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + num_tokens)
+    # min_length as well: with the overlay's empty EOS list alone it still ends at an EOS/pad id (0 with our
+    # tokenizers) when a trained model picks it, and a round of fewer tokens would read as a faster one
+    params.set_search_options(do_sample=False, max_length=len(prompt) + num_tokens,
+                              min_length=len(prompt) + num_tokens)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt)  # the prefill
     generator.generate_next_token()  # picks the first token from the prefill's logits

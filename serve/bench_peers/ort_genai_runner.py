@@ -25,7 +25,9 @@ def generate(model, prompt: list[int], output_len: int) -> tuple[float, list[flo
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + output_len)
+    # min_length too: with the overlay's empty EOS list it still ends at an EOS/pad id a trained model picks
+    params.set_search_options(do_sample=False, max_length=len(prompt) + output_len,
+                              min_length=len(prompt) + output_len)
     start = time.perf_counter()
     generator = og.Generator(model, params)
     generator.append_tokens(prompt)  # runs the prefill; the first token is chosen by generate_next_token

@@ -52,3 +52,21 @@ def test_ort_genai_int4_export_timed_in_its_worker(tiny_checkpoint, tmp_path):
     row = result["rows"][1]
     assert row["model"] == f"ort-genai:{out}" and "onnxruntime-genai" in row["engine_path"]
     assert row["tokens_per_cpu_s"] > 0 and len(row["rounds_cpu_s"]) == 2 and row["same_tokens_every_round"]
+    # A trained model picks its EOS/pad id now and then; onnxruntime-genai would end the round there (fewer tokens in
+    # less time: a faster-looking row). Make the first greedy token the EOS and pad id: still every token decoded.
+    import json
+
+    from quant.cpu_time_bench import OrtGenaiWorker
+
+    worker = OrtGenaiWorker(str(out), str(python))
+    try:
+        first = worker.decode(PROMPT, 2)[1][0]
+    finally:
+        worker.close()
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"] |= {"eos_token_id": [first], "pad_token_id": first}
+    cfg_path.write_text(json.dumps(cfg))
+    result = bench([str(tiny_checkpoint)], prompt=PROMPT, num_tokens=6, rounds=1, ort_genai=[str(out)],
+                   peers_python=str(python))  # raises if a round decodes fewer than 6 tokens
+    assert result["rows"][1]["tokens_per_cpu_s"] > 0
