@@ -111,13 +111,18 @@ class Int8Linear(QuantLinear):
         return y
 
 
-def q4_int8_activations() -> bool:
+def q4_int8_activations(setting: str | None = None) -> bool:
     """Whether 4-bit GEMVs of one row (single-stream decode) round the activations to int8 per 32 columns, as
     onnxruntime-genai's int4 default (MatMulNBits accuracy_level 4) and llama.cpp do: ~1.5x the GEMV speed for a
     per-token error that is bounded (|x - x_hat| <= d / 2 per block), tested against the exact path and reported
     by `lmforge quantize` (engine logprob error column). The default. LMFORGE_Q4_ACTIVATIONS=fp32 keeps exact fp32
     math on the dequantized weights for every row (greedy output equal to transformers' on the same checkpoint up to
     summation order). Steps of 2+ rows always use fp32 activations."""
+    if setting is not None:  # EngineConfig.q4_activations / --q4-activations
+        if setting not in ("fp32", "int8"):
+            raise ConfigError(f"--q4-activations: {setting!r}: use int8 (default: one-row 4-bit GEMVs on int8-rounded "
+                              "activations) or fp32 (exact)")
+        return setting == "int8"
     value = os.environ.get("LMFORGE_Q4_ACTIVATIONS", "int8")
     if value not in ("fp32", "int8"):
         raise ConfigError(f"LMFORGE_Q4_ACTIVATIONS={value!r}: use int8 (default: one-row 4-bit GEMVs on int8-rounded "
@@ -133,7 +138,7 @@ class LowbitLinear(QuantLinear):
     permuted at run time). 8-bit: per-channel grids (one scale, optional zero correction)."""
 
     def __init__(self, kernels, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-                 bits: int) -> None:
+                 bits: int, q4_activations: str | None = None) -> None:
         N, K = q.shape
         self.kernels, self.out_features, self.in_features, self.bits = kernels, N, K, bits
         self.perm = None
@@ -147,7 +152,7 @@ class LowbitLinear(QuantLinear):
             runs = q.to(torch.uint8).view(N, K // 32, 2, 16)  # (N, runs, low/high half, 16)
             self.qw = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(N, K // 2).contiguous()  # (N, K / 2)
             self.path = "int4 weight-only GEMV (lmforge lowbit kernel; tiled dequantize + torch GEMM above 8 rows)"
-            self.int8_activations = q4_int8_activations()
+            self.int8_activations = q4_int8_activations(q4_activations)
             if self.int8_activations:
                 self.path = ("int4 x int8-activation GEMV for one row (lmforge lowbit kernel; LMFORGE_Q4_ACTIVATIONS=fp32 "
                              "for exact; fp32 GEMV up to 8 rows, tiled dequantize + torch GEMM above)")
@@ -307,7 +312,7 @@ class ConcatLinear(QuantLinear):
 
 
 def grid_linear(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int,
-                dtype: torch.dtype) -> QuantLinear:
+                dtype: torch.dtype, q4_activations: str | None = None) -> QuantLinear:
     """The fastest module for a uniform grid: q (N, K), scales/zeros (N, G), g_idx (K,).
 
     Our C kernels first (torch 2.13's int4/int8 packed matmuls are 10-20x slower than fp32 on AVX2 CPUs), then
@@ -316,7 +321,7 @@ def grid_linear(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_id
 
     lowbit = kernels.load() if dtype == torch.float32 else None
     if lowbit is not None and LowbitLinear.supports(bits, q, scales, g_idx):
-        return LowbitLinear(lowbit, q, scales, zeros, g_idx, bits)
+        return LowbitLinear(lowbit, q, scales, zeros, g_idx, bits, q4_activations)
     if Int4Linear.supports(bits, q, g_idx):
         return Int4Linear(q, scales, zeros, g_idx, dtype)
     if bits == 8 and scales.shape[1] == 1 and q.device.type == "cpu":
@@ -340,22 +345,24 @@ def nf4_linear(parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], in
 
 
 def fuse_grids(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], bits: int,
-               dtype: torch.dtype) -> QuantLinear:
+               dtype: torch.dtype, q4_activations: str | None = None) -> QuantLinear:
     """Stack linears that read the same input (q/k/v, gate/up) along the output dimension into one."""
     if all(torch.equal(p[3], parts[0][3]) for p in parts):
         q, s, z = (torch.cat([p[i] for p in parts]) for i in range(3))
-        return grid_linear(q, s, z, parts[0][3], bits, dtype)
-    return ConcatLinear([grid_linear(*p, bits=bits, dtype=dtype) for p in parts])
+        return grid_linear(q, s, z, parts[0][3], bits, dtype, q4_activations)
+    return ConcatLinear([grid_linear(*p, bits=bits, dtype=dtype, q4_activations=q4_activations) for p in parts])
 
 
 class QuantizedWeights:
     """The quantized linears of a checkpoint's state dict, for the engine: `linear([names])` gives one module
     for linears that read the same input (fused along the output dimension), `paths` what runs them."""
 
-    def __init__(self, state: dict[str, torch.Tensor], qconfig: dict, *, source: str, dtype: torch.dtype) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], qconfig: dict, *, source: str, dtype: torch.dtype,
+                 q4_activations: str | None = None) -> None:
         from quant.formats import method_of
 
         self.state, self.source, self.dtype = state, source, dtype
+        self.q4_activations = q4_activations  # None: LMFORGE_Q4_ACTIVATIONS, else int8
         self.format, self.bits = method_of(qconfig, source)
         self.paths: dict[str, int] = {}
 
@@ -374,7 +381,7 @@ class QuantizedWeights:
 
         if self.format == "gptq":
             mod = fuse_grids([formats.read_grid(self.state, n, self.bits, self.source) for n in names], self.bits,
-                             self.dtype)
+                             self.dtype, self.q4_activations)
         elif self.format == "int8":
             q = torch.cat([formats._need(self.state, f"{n}.weight", self.source) for n in names])
             scb = torch.cat([formats._need(self.state, f"{n}.SCB", self.source) for n in names]).float()

@@ -52,6 +52,10 @@ class EngineConfig:
     # With the CPU kernels: oneDNN-packed copies of the fp32 projections and LM head for steps of 9-256 rows
     # (batched decode, ~1.09x W1 throughput); they hold a second copy of those weights in memory.
     cpu_packed_weights: bool = True
+    # 4-bit checkpoints on the CPU kernels: GEMVs of one row (single-stream decode) on activations rounded to int8
+    # per 32 columns ("int8", as onnxruntime-genai's int4 and llama.cpp; bounded logprob error, ~1.2x decode) or
+    # exact fp32 math on the dequantized weights ("fp32"). None: LMFORGE_Q4_ACTIVATIONS, else "int8".
+    q4_activations: Literal["int8", "fp32"] | None = None
     kv_cache_memory_bytes: int | None = None  # default 1 GiB
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
     max_num_seqs: int = 256
@@ -81,6 +85,8 @@ class EngineConfig:
         if self.draft_model and self.speculative_method != "draft":
             raise ConfigError(f"draft_model: is set but speculative_method is {self.speculative_method!r}; "
                               "set speculative_method='draft' to use it")
+        if self.q4_activations not in (None, "int8", "fp32"):
+            raise ConfigError(f"q4_activations: must be 'int8', 'fp32' or None, got {self.q4_activations!r}")
         if self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens: must be >= 1, got {self.num_speculative_tokens}")
         if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
@@ -108,7 +114,7 @@ class LLMEngine:
         self.runner = ModelRunner(Path(config.model), device=config.device, dtype=dtype, block_size=config.block_size,
                                   kv_cache_memory_bytes=config.kv_cache_memory_bytes, num_blocks=config.num_kv_blocks,
                                   use_cpu_kernels=config.use_cpu_kernels,
-                                  packed_weights=config.cpu_packed_weights)
+                                  packed_weights=config.cpu_packed_weights, q4_activations=config.q4_activations)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(

@@ -95,7 +95,8 @@ class LlamaDecoder:
 
     def __init__(self, cfg: DecoderConfig, state: dict[str, torch.Tensor], *, device: torch.device,
                  dtype: torch.dtype, source: str = "checkpoint", use_cpu_kernels: bool = True,
-                 quantization: dict[str, Any] | None = None, packed_weights: bool = True) -> None:
+                 quantization: dict[str, Any] | None = None, packed_weights: bool = True,
+                 q4_activations: str | None = None) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
         # A quantized checkpoint (config.json `quantization_config`): its linears become quant/linear.py modules
         # (called instead of F.linear / linear_small_m); everything else runs as usual.
@@ -103,7 +104,7 @@ class LlamaDecoder:
         if quantization is not None:
             from quant.linear import QuantizedWeights
 
-            quant = QuantizedWeights(state, quantization, source=source, dtype=dtype)
+            quant = QuantizedWeights(state, quantization, source=source, dtype=dtype, q4_activations=q4_activations)
         # Our C kernels (serve/worker/kernels) cover fp32 on CPU; everything else runs on torch ops.
         self.kernels = None
         if use_cpu_kernels and device.type == "cpu" and dtype == torch.float32:
@@ -231,7 +232,8 @@ class LlamaDecoder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
-                        use_cpu_kernels: bool = True, packed_weights: bool = True) -> "LlamaDecoder":
+                        use_cpu_kernels: bool = True, packed_weights: bool = True,
+                        q4_activations: str | None = None) -> "LlamaDecoder":
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         cfg = DecoderConfig.from_checkpoint_config(config, str(path / "config.json"))
@@ -239,7 +241,7 @@ class LlamaDecoder:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         return cls(cfg, _load_state_dict(path), device=device, dtype=dtype, source=str(path),
                    use_cpu_kernels=use_cpu_kernels, quantization=config.get("quantization_config"),
-                   packed_weights=packed_weights)
+                   packed_weights=packed_weights, q4_activations=q4_activations)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int]:
         return (num_blocks * block_size, self.cfg.num_kv_heads, self.cfg.head_dim)

@@ -48,10 +48,11 @@ class ModelRunner:
     def __init__(self, model_path: str | Path, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, block_size: int = 16,
                  kv_cache_memory_bytes: int | None = None, num_blocks: int | None = None,
-                 use_cpu_kernels: bool = True, packed_weights: bool = True) -> None:
+                 use_cpu_kernels: bool = True, packed_weights: bool = True, q4_activations: str | None = None) -> None:
         self.device = resolve_device(device)
         self.model = LlamaDecoder.from_pretrained(model_path, device=self.device, dtype=dtype,
-                                                  use_cpu_kernels=use_cpu_kernels, packed_weights=packed_weights)
+                                                  use_cpu_kernels=use_cpu_kernels, packed_weights=packed_weights,
+                                                  q4_activations=q4_activations)
         cfg = self.model.cfg
         self.block_size = block_size
         self.bytes_per_block = kv_cache_bytes_per_block(

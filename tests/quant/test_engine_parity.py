@@ -132,19 +132,22 @@ def test_int8_activations_bounded_logprob_error(quantized, monkeypatch, capsys):
     path the greedy tokens agree up to the first divergence with a bounded, reported per-token logprob error."""
     from transformers import AutoTokenizer
 
-    def one_at_a_time():  # one sequence per step: decode steps of one row, the path this setting changes
-        engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu"))
+    def one_at_a_time(q4_activations=None):  # one sequence per step: decode steps of one row, the path it changes
+        engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu", q4_activations=q4_activations))
         params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
         return engine, [engine.generate([tok(p, add_special_tokens=False)["input_ids"]], params)[0] for p in PROMPTS]
 
     path = quantized("gptq:4:32")
     tok = AutoTokenizer.from_pretrained(path)
-    exact, exact_outs = one_at_a_time()
+    monkeypatch.delenv("LMFORGE_Q4_ACTIVATIONS")
+    exact, exact_outs = one_at_a_time("fp32")  # EngineConfig / `lmforge serve --q4-activations fp32`
     if exact.runner.model.kernels is None:
         pytest.skip(f"no CPU kernels here: {exact.runner.model.kernel_path}")
-    monkeypatch.delenv("LMFORGE_Q4_ACTIVATIONS")  # the default
-    rounded, rounded_outs = one_at_a_time()
+    assert "int8-activation" not in exact.runner.model.kernel_path
+    rounded, rounded_outs = one_at_a_time()  # the default
     assert "int8-activation" in rounded.runner.model.kernel_path
+    monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "int8")  # the config wins over the environment
+    assert "int8-activation" not in one_at_a_time("fp32")[0].runner.model.kernel_path
     worst, compared = 0.0, 0
     for a, b in zip(rounded_outs, exact_outs):
         same = [x == y for x, y in zip(a.outputs[0].token_ids, b.outputs[0].token_ids)]

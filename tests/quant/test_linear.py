@@ -169,6 +169,9 @@ def test_q4_activations_setting_is_checked(monkeypatch):
     assert q4_int8_activations()  # the default: one-row 4-bit GEMVs on int8-rounded activations
     monkeypatch.setenv("LMFORGE_Q4_ACTIVATIONS", "fp32")
     assert not q4_int8_activations()
+    assert q4_int8_activations("int8") and not q4_int8_activations("fp32")  # EngineConfig.q4_activations wins
+    with pytest.raises(ConfigError, match="--q4-activations: 'int4'"):
+        q4_int8_activations("int4")
 
 
 @pytest.mark.parametrize("kind", ["q4", "q4-asym", "q8", "q8-asym", "nf4"])

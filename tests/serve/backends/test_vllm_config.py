@@ -67,6 +67,11 @@ def test_serve_flags_build_the_vllm_config(tmp_path):
     with pytest.raises(ConfigError, match="^--no-cpu-packed-weights: .* the vllm backend does not use it"):
         ServeConfig(model=str(tmp_path), backend="vllm", cpu_packed_weights=False)
     assert ServeConfig(model=str(tmp_path), cpu_packed_weights=False).engine_config().cpu_packed_weights is False
+    with pytest.raises(ConfigError, match="^--q4-activations: .* the vllm backend does not use it"):
+        ServeConfig(model=str(tmp_path), backend="vllm", q4_activations="fp32")
+    with pytest.raises(ConfigError, match="^--q4-activations: must be int8 or fp32"):
+        ServeConfig(model=str(tmp_path), q4_activations="int4")
+    assert ServeConfig(model=str(tmp_path), q4_activations="fp32").engine_config().q4_activations == "fp32"
 
 
 def test_gptq_is_refused_on_a_cpu_without_the_kernel_and_names_native():
