@@ -72,6 +72,18 @@ def verify_drafts(logits: torch.Tensor, requests: Sequence[DraftsToVerify], *, e
     raw = logits.float()  # (R, V)
     processed = sampling.process_logits(raw, meta)  # (R, V): penalties + min_tokens mask, per position
     argmax_ids = processed.argmax(dim=-1)  # (R,) what greedy sampling would pick at each position
+    if all(r.params.is_greedy for r in requests):
+        # The rule's greedy limit (rejection.py) without its (B, K+1, V) distributions: accept while the draft is
+        # the argmax, then emit the argmax at the first mismatch, or the bonus argmax.
+        emitted, num_accepted, start = [], [], 0
+        targets = argmax_ids.tolist()
+        for r, n in zip(requests, num_positions):
+            row = targets[start:start + n]
+            accepted = next((j for j, x in enumerate(r.draft_token_ids) if x != row[j]), n - 1)
+            emitted.append([*r.draft_token_ids[:accepted], row[accepted]])
+            num_accepted.append(accepted)
+            start += n
+        return _with_logprobs(requests, raw, num_positions, emitted, num_accepted)
     probs = sampling.sampling_probs(processed, meta)  # (R, V) p_j, normalized
 
     # Ragged rows -> the padded (B, K+1, ...) layout rejection_sample takes.
@@ -96,9 +108,14 @@ def verify_drafts(logits: torch.Tensor, requests: Sequence[DraftsToVerify], *, e
                            torch.tensor([n - 1 for n in num_positions], device=device),
                            torch.tensor([r.params.is_greedy for r in requests], device=device),
                            [r.generator for r in requests], target_argmax_ids=target_argmax)
-    emitted = out.to_lists()
-    num_accepted = out.num_accepted.tolist()
+    return _with_logprobs(requests, raw, num_positions, out.to_lists(), out.num_accepted.tolist())
 
+
+def _with_logprobs(requests: Sequence[DraftsToVerify], raw: torch.Tensor, num_positions: list[int],
+                   emitted: list[list[int]], num_accepted: list[int]) -> list[VerifiedTokens]:
+    """Logprobs of the emitted tokens (raw log_softmax at their own positions) for requests that asked."""
+    device = raw.device
+    num_rows = len(requests)
     logprobs: list[list[Logprobs] | None] = [None] * num_rows
     wanting = [b for b, r in enumerate(requests) if r.params.logprobs is not None]
     if wanting:
