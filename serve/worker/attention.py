@@ -38,9 +38,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) int64: cache slot of every new token
     block_tables: torch.Tensor  # (num_seqs, max_blocks) int64, padded with block 0 (masked out)
     block_size: int
-    # The decode-only fast path (every query_len == 1) needs a key-padding mask over the padded tables.
     is_all_decode: bool
-    decode_mask: torch.Tensor | None = None  # (num_seqs, 1, 1, max_blocks * block_size) bool
     # The sequences the CPU kernel takes (query_len <= KERNEL_MAX_QUERY_LEN: decodes, speculative verification,
     # small chunks) as int64 tensors, built once per step rather than once per layer.
     kernel_seqs: list[int] = field(default_factory=list)
@@ -63,19 +61,23 @@ class AttentionMetadata:
         padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
         tables = torch.tensor(padded, dtype=torch.int64, device=device)  # (num_seqs, max_blocks)
         is_all_decode = all(q == 1 for q in query_lens)
-        mask = None
-        if is_all_decode:
-            key_pos = torch.arange(max_blocks * block_size, device=device)  # (max_len,)
-            lens = torch.tensor(seq_lens, device=device)  # (num_seqs,)
-            mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # (num_seqs, 1, 1, max_len)
         as_i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
         short = [i for i, q in enumerate(query_lens) if q <= KERNEL_MAX_QUERY_LEN]
+        every = len(short) == len(query_lens)  # decode and verification steps: no re-indexing
         return cls(query_lens=query_lens, seq_lens=seq_lens, query_starts=starts, slot_mapping=as_i64(slots),
-                   block_tables=tables, block_size=block_size, is_all_decode=is_all_decode, decode_mask=mask,
-                   kernel_seqs=short, kernel_block_tables=tables[as_i64(short)].contiguous(),
-                   kernel_query_starts=as_i64([starts[i] for i in short]),
-                   kernel_query_lens=as_i64([query_lens[i] for i in short]),
-                   kernel_seq_lens=as_i64([seq_lens[i] for i in short]))
+                   block_tables=tables, block_size=block_size, is_all_decode=is_all_decode,
+                   kernel_seqs=short, kernel_block_tables=tables if every else tables[as_i64(short)].contiguous(),
+                   kernel_query_starts=as_i64(starts if every else [starts[i] for i in short]),
+                   kernel_query_lens=as_i64(query_lens if every else [query_lens[i] for i in short]),
+                   kernel_seq_lens=as_i64(seq_lens if every else [seq_lens[i] for i in short]))
+
+    def decode_mask(self) -> torch.Tensor:
+        """The torch decode path's key-padding mask over the padded tables (num_seqs, 1, 1, max_blocks * block_size)
+        bool; built when that path asks (the CPU kernels read the lengths instead)."""
+        device = self.block_tables.device
+        key_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=device)  # (max_len,)
+        lens = torch.tensor(self.seq_lens, device=device)  # (num_seqs,)
+        return (key_pos[None, :] < lens[:, None])[:, None, None, :]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -140,6 +142,6 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     k = _gather_blocks(k_cache, meta.block_tables.reshape(-1), bs).view(num_seqs, max_blocks * bs, kv_heads, head_dim)
     v = _gather_blocks(v_cache, meta.block_tables.reshape(-1), bs).view(num_seqs, max_blocks * bs, kv_heads, head_dim)
     qb = q[:, None].transpose(1, 2)  # (B, heads, 1, head_dim)
-    o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask,
+    o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask(),
                                        scale=scale, enable_gqa=True)  # (B, heads, 1, head_dim)
     return o[:, :, 0]  # (B, heads, head_dim)
