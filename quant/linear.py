@@ -118,15 +118,14 @@ def q4_int8_activations(setting: str | None = None) -> bool:
     by `lmforge quantize` (engine logprob error column). The default. LMFORGE_Q4_ACTIVATIONS=fp32 keeps exact fp32
     math on the dequantized weights for every row (greedy output equal to transformers' on the same checkpoint up to
     summation order). Steps of 2+ rows always use fp32 activations."""
-    if setting is not None:  # EngineConfig.q4_activations / --q4-activations
-        if setting not in ("fp32", "int8"):
-            raise ConfigError(f"--q4-activations: {setting!r}: use int8 (default: one-row 4-bit GEMVs on int8-rounded "
-                              "activations) or fp32 (exact)")
-        return setting == "int8"
-    value = os.environ.get("LMFORGE_Q4_ACTIVATIONS", "int8")
+    if setting is not None:  # EngineConfig.q4_activations / --q4-activations wins over the environment
+        value, label = setting, f"--q4-activations: {setting!r}"
+    else:
+        value = os.environ.get("LMFORGE_Q4_ACTIVATIONS", "int8")
+        label = f"LMFORGE_Q4_ACTIVATIONS={value!r}"
     if value not in ("fp32", "int8"):
-        raise ConfigError(f"LMFORGE_Q4_ACTIVATIONS={value!r}: use int8 (default: one-row 4-bit GEMVs on int8-rounded "
-                          "activations) or fp32 (exact)")
+        raise ConfigError(f"{label}: use int8 (default: one-row 4-bit GEMVs on int8-rounded activations) or fp32 "
+                          "(exact)")
     return value == "int8"
 
 
